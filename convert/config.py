@@ -1,0 +1,195 @@
+"""Config normalization and pair validation.
+
+mlx-lm reads Gemma 4 configs with its own defaults, several of which differ from the
+transformers defaults that decide what a checkpoint leaves out (num_kv_shared_layers 0 vs 20,
+use_double_wide_mlp False vs True, final_logit_softcapping None vs 30, the layer pattern), and
+it only knows `global_head_dim`, not the `per_layer_config` newer transformers writes. So every
+field mlx-lm reads is written out explicitly, with transformers' meaning.
+"""
+
+import copy
+
+from mlx_gemma_mtp.errors import MTPError
+
+TARGET_TYPES = ("gemma4", "gemma4_unified", "gemma4_text")
+DRAFT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+
+# transformers' Gemma4TextConfig defaults for the fields mlx-lm's gemma4_text reads.
+TEXT_DEFAULTS = {
+    "vocab_size": 262144,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "sliding_window": 512,
+    "final_logit_softcapping": None,
+    "vocab_size_per_layer_input": 262144,
+    "hidden_size_per_layer_input": 256,
+    "attention_k_eq_v": False,
+    "num_kv_shared_layers": 0,
+    "enable_moe_block": False,
+    "use_double_wide_mlp": False,
+    "num_experts": None,
+    "top_k_experts": None,
+    "moe_intermediate_size": None,
+    "global_head_dim": 512,
+    "num_global_key_value_heads": None,
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1000000.0,
+        },
+    },
+}
+
+# Gemma4UnifiedTextConfig has no per-layer inputs and no MoE, and other window/length defaults.
+UNIFIED_TEXT_DEFAULTS = {
+    **TEXT_DEFAULTS,
+    "max_position_embeddings": 262144,
+    "sliding_window": 1024,
+    "vocab_size_per_layer_input": 0,
+    "hidden_size_per_layer_input": 0,
+}
+UNIFIED_ONLY_ABSENT = ("enable_moe_block", "hidden_size_per_layer_input", "vocab_size_per_layer_input")
+
+
+def default_layer_types(num_layers: int) -> list[str]:
+    # transformers: every 6th layer is full attention, and the last one always is.
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)]
+    types[-1] = "full_attention"
+    return types
+
+
+def normalize_text_config(text: dict, unified: bool, role: str) -> dict:
+    """Fill a Gemma 4 text config with transformers' defaults and resolve per-layer overrides."""
+    defaults = UNIFIED_TEXT_DEFAULTS if unified else TEXT_DEFAULTS
+    out = copy.deepcopy(text)
+    if out.get("use_bidirectional_attention") == "all":
+        raise MTPError(f"{role}: bidirectional Gemma 4 models (use_bidirectional_attention='all') are not supported")
+    for key, value in defaults.items():
+        if unified and key in UNIFIED_ONLY_ABSENT:
+            out[key] = value  # these fields do not exist in the unified architecture
+        elif out.get(key) is None and value is not None:
+            out[key] = copy.deepcopy(value)
+        else:
+            out.setdefault(key, value)
+    n = out["num_hidden_layers"]
+    if out.get("layer_types") is None:
+        out["layer_types"] = default_layer_types(n)
+    elif len(out["layer_types"]) != n:
+        raise MTPError(f"{role}: layer_types lists {len(out['layer_types'])} layers, config says {n}")
+
+    per_layer = out.pop("per_layer_config", None)
+    if per_layer:
+        _apply_per_layer_config(out, per_layer, role)
+    if not out["attention_k_eq_v"]:
+        out["num_global_key_value_heads"] = None
+    return out
+
+
+def _apply_per_layer_config(out: dict, per_layer: dict, role: str) -> None:
+    """Turn {"layer": {"head_dim": .., "num_key_value_heads": ..}} into the global_* fields."""
+    overrides = {int(k): v or {} for k, v in per_layer.items()}
+    full = {}
+    for i, kind in enumerate(out["layer_types"]):
+        o = overrides.get(i, {})
+        head_dim = o.get("head_dim", out["head_dim"])
+        kv_heads = o.get("num_key_value_heads", out["num_key_value_heads"])
+        if kind == "sliding_attention":
+            if (head_dim, kv_heads) != (out["head_dim"], out["num_key_value_heads"]):
+                raise MTPError(f"{role}: per-layer overrides on sliding layer {i} are not supported")
+        else:
+            full[i] = (head_dim, kv_heads)
+    shapes = set(full.values())
+    if len(shapes) > 1:
+        raise MTPError(f"{role}: full-attention layers with differing shapes are not supported")
+    if shapes:
+        (head_dim, kv_heads) = shapes.pop()
+        out["global_head_dim"] = head_dim
+        if out["attention_k_eq_v"]:
+            out["num_global_key_value_heads"] = kv_heads
+        elif kv_heads != out["num_key_value_heads"]:
+            raise MTPError(f"{role}: full layers with their own KV head count need attention_k_eq_v")
+
+
+def text_config_of(config: dict) -> dict:
+    return config.get("text_config") or config
+
+
+def normalize_target_config(config: dict) -> dict:
+    """The target's config as mlx-lm must read it (also fixes the top-level vocab_size)."""
+    model_type = config.get("model_type")
+    if model_type not in TARGET_TYPES:
+        raise MTPError(
+            f"unsupported target model type '{model_type}': expected one of {', '.join(TARGET_TYPES)} (Gemma 4)"
+        )
+    out = copy.deepcopy(config)
+    for key in ("vision_config", "audio_config", "auto_map"):
+        out.pop(key, None)
+    unified = model_type == "gemma4_unified"
+    if model_type == "gemma4_text":
+        return normalize_text_config(out, unified=False, role="target")
+    text = normalize_text_config(out.get("text_config") or {}, unified, role="target")
+    out["text_config"] = text
+    # mlx-lm's wrapper overwrites the text vocab with the top-level one (default 262144).
+    out["vocab_size"] = text["vocab_size"]
+    return out
+
+
+def normalize_draft_config(config: dict) -> dict:
+    model_type = config.get("model_type")
+    if model_type not in DRAFT_TYPES:
+        raise MTPError(
+            f"unsupported drafter model type '{model_type}': expected one of {', '.join(DRAFT_TYPES)}"
+        )
+    out = copy.deepcopy(config)
+    text = dict(out.get("text_config") or {})
+    text.setdefault("num_kv_shared_layers", text.get("num_hidden_layers"))
+    out["text_config"] = normalize_text_config(text, model_type == "gemma4_unified_assistant", role="drafter")
+    return out
+
+
+def attention_shapes(text: dict) -> dict:
+    """(head_dim, kv_heads) per layer type, from a normalized text config."""
+    full_kv = text["num_global_key_value_heads"] or text["num_key_value_heads"]
+    return {
+        "sliding_attention": (text["head_dim"], text["num_key_value_heads"]),
+        "full_attention": (text["global_head_dim"], full_kv),
+    }
+
+
+def validate_pair(target: dict, draft: dict) -> None:
+    """Both configs normalized. Raises MTPError naming the first incompatibility."""
+    t_text, d_text = text_config_of(target), draft["text_config"]
+    unified_target = target["model_type"] == "gemma4_unified"
+    unified_draft = draft["model_type"] == "gemma4_unified_assistant"
+    if unified_target != unified_draft:
+        raise MTPError(
+            f"incompatible pair: a {draft['model_type']} drafter does not belong to a {target['model_type']} target"
+        )
+    backbone = draft.get("backbone_hidden_size")
+    if backbone != t_text["hidden_size"]:
+        raise MTPError(
+            f"incompatible pair: the drafter reads hidden states of size {backbone}, "
+            f"the target's are {t_text['hidden_size']}"
+        )
+    if d_text["vocab_size"] != t_text["vocab_size"]:
+        raise MTPError(
+            f"incompatible pair: drafter vocabulary {d_text['vocab_size']} != target vocabulary {t_text['vocab_size']}"
+        )
+    t_shapes, d_shapes = attention_shapes(t_text), attention_shapes(d_text)
+    for kind in ("sliding_attention", "full_attention"):
+        if t_shapes[kind] != d_shapes[kind]:
+            raise MTPError(
+                f"incompatible pair: the drafter's {kind} layers expect K/V of (head_dim, kv_heads) "
+                f"{d_shapes[kind]}, the target produces {t_shapes[kind]}"
+            )
+    if draft.get("use_ordered_embeddings") and d_text["vocab_size"] % draft.get("num_centroids", 2048):
+        raise MTPError("drafter: vocab_size is not a multiple of num_centroids")
