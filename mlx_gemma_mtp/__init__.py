@@ -1,3 +1,8 @@
 """Gemma 4 with multi-token-prediction (MTP) speculative decoding on MLX."""
 
 __version__ = "0.1.0"
+
+from .api import Response, generate, load, stream_generate  # noqa: E402
+from .decode import Pair, Stats  # noqa: E402
+
+__all__ = ["load", "generate", "stream_generate", "Response", "Pair", "Stats"]

@@ -1,0 +1,136 @@
+"""The Python API: `load`, `generate`, `stream_generate`, in mlx-lm's conventions."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_model, load_tokenizer
+
+from .convert.config import normalize_draft_config, normalize_target_config, validate_pair
+from .convert.sources import resolve_source
+from .drafter import load_drafter
+from .errors import MTPError
+from .decode import Pair, Stats, generate_tokens
+
+MANIFEST = "mtp.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MTPError(f"cannot read '{path}': {e}") from None
+
+
+def _pair_folders(path: str, draft_path: Optional[str]) -> tuple[Path, Optional[Path]]:
+    folder = resolve_source(path, "model")
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        parts = _read_json(manifest)
+        target = folder / parts["target"]["path"]
+        draft = folder / parts["draft"]["path"] if parts.get("draft") else None
+    else:
+        target, draft = folder, None
+    if draft_path is not None:
+        draft = resolve_source(draft_path, "drafter")
+    return target, draft
+
+
+def load(path: str, draft_path: Optional[str] = None) -> tuple[Pair, TokenizerWrapper]:
+    """Load a converted pair folder, or a target (mlx-lm or Hugging Face folder, or hub id) and
+    optionally its drafter. Without a drafter, generation is plain decoding."""
+    target_dir, draft_dir = _pair_folders(path, draft_path)
+    if not (target_dir / "config.json").is_file():
+        raise MTPError(f"'{target_dir}' has no config.json: not a model folder")
+    target_config = normalize_target_config(_read_json(target_dir / "config.json"))
+    try:
+        # Our normalized config fixes the fields mlx-lm would otherwise default differently.
+        model, _ = load_model(target_dir, model_config=target_config)
+    except (ValueError, FileNotFoundError) as e:
+        raise MTPError(f"cannot load target '{target_dir}': {' '.join(str(e).split())[:300]}") from None
+    tokenizer = load_tokenizer(target_dir, eos_token_ids=_eos_ids(target_dir, target_config))
+    drafter = None
+    if draft_dir is not None:
+        draft_config = normalize_draft_config(_read_json(draft_dir / "config.json"))
+        validate_pair(target_config, draft_config)
+        drafter, _ = load_drafter(draft_dir)
+    return Pair(model, drafter), tokenizer
+
+
+def _eos_ids(folder: Path, config: dict) -> list:
+    eos = config.get("eos_token_id") or config.get("text_config", {}).get("eos_token_id")
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        eos = _read_json(generation).get("eos_token_id", eos)
+    if eos is None:
+        return None
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@dataclass
+class Response:
+    """One streamed step: the new text, its token, and whether a draft proposed it."""
+
+    text: str
+    token: int
+    from_draft: bool
+    stats: Optional[Stats] = None  # set on the last response
+    finish_reason: Optional[str] = None  # "stop" (EOS) or "length", on the last response
+
+
+def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, list]) -> mx.array:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+    if not ids:
+        raise MTPError("the prompt is empty")
+    return mx.array(ids, mx.uint32)
+
+
+def stream_generate(
+    pair: Pair,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, list],
+    max_tokens: int = 256,
+    num_draft_tokens: int = 4,
+) -> Iterator[Response]:
+    """Yield a Response per generated token; the last one carries `stats` and `finish_reason`."""
+    if max_tokens < 0 or num_draft_tokens < 0:
+        raise MTPError("max_tokens and num_draft_tokens must not be negative")
+    ids = _prompt_ids(tokenizer, prompt)
+    eos = set(tokenizer.eos_token_ids)
+    stats = Stats()
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    last = None
+    for token, from_draft in generate_tokens(pair, ids, max_tokens, num_draft_tokens, eos, stats):
+        if last is not None:
+            yield last
+        if token in eos:
+            detokenizer.finalize()
+            last = Response(detokenizer.last_segment, token, from_draft, finish_reason="stop")
+            break
+        detokenizer.add_token(token)
+        last = Response(detokenizer.last_segment, token, from_draft)
+    if last is None:
+        return
+    if last.finish_reason is None:
+        detokenizer.finalize()
+        last.text += detokenizer.last_segment
+        last.finish_reason = "length"
+    last.stats = stats
+    yield last
+
+
+def generate(
+    pair: Pair,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, list],
+    max_tokens: int = 256,
+    num_draft_tokens: int = 4,
+) -> str:
+    return "".join(r.text for r in stream_generate(pair, tokenizer, prompt, max_tokens, num_draft_tokens))

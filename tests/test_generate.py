@@ -1,0 +1,285 @@
+"""The MTP engine against the transformers reference: drafts, greedy exactness, syncs, stopping."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+import mlx_gemma_mtp.decode as engine
+import reference_models as ref
+from mlx_gemma_mtp import load, stream_generate
+from mlx_gemma_mtp.convert import QuantSpec, convert
+from mlx_gemma_mtp.decode import Stats, generate_tokens
+
+VARIANTS = ref.VARIANTS
+DRAFT_LENGTHS = (1, 2, 4, 6)
+
+
+@pytest.fixture(scope="session")
+def pair_dir(reference_pair, tmp_path_factory):
+    """pair_dir(variant, bits=None) -> converted pair folder (float32, or target quantized)."""
+    cache = {}
+
+    def make(variant, bits=None):
+        if (variant, bits) not in cache:
+            target, draft = reference_pair(variant)
+            out = tmp_path_factory.mktemp("engine") / f"{variant}-{bits}"
+            quant = QuantSpec(bits, 64, "affine") if bits else None
+            convert(str(target), out, draft=str(draft), quantization=quant, dtype="float32", progress=False)
+            cache[(variant, bits)] = out
+        return cache[(variant, bits)]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loaded(pair_dir):
+    cache = {}
+
+    def make(variant, bits=None):
+        if (variant, bits) not in cache:
+            cache[(variant, bits)] = load(str(pair_dir(variant, bits)))
+        return cache[(variant, bits)]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_models(reference_pair):
+    cache = {}
+
+    def make(variant):
+        if variant not in cache:
+            target, draft = reference_pair(variant)
+            cache[variant] = (ref.load_reference_target(target), ref.load_reference_drafter(draft))
+        return cache[variant]
+
+    return make
+
+
+def window_of(pair):
+    return pair.view.args.sliding_window
+
+
+def prompt_ids(window, long, seed=0):
+    rng = np.random.default_rng(seed)
+    n = window + 9 if long else window // 2
+    return [2] + rng.integers(110, 512, size=n).tolist()
+
+
+def run(pair, prompt, max_tokens, k, eos=(), stats=None):
+    return [t for t, _ in generate_tokens(pair, mx.array(prompt, mx.uint32), max_tokens, k, eos, stats)]
+
+
+def plain_pair(pair):
+    return engine.Pair(pair.target)
+
+
+def inject_drafts(monkeypatch, continuation, prompt_len, accept_rate, seed=0):
+    """Replace the drafter's proposals by the target's own continuation, except where a seeded draw
+    rejects, so rounds accept 0..K drafts. The real drafter still runs (its tokens are discarded)."""
+    rng = np.random.default_rng(seed)
+    real_draft_block = engine.draft_block
+
+    def draft_block(pair, token, hidden, cache, k):
+        real = real_draft_block(pair, token, hidden, cache, k)
+        start = cache[pair.view.producers["full_attention"]].offset - prompt_len + 1
+        proposed = []
+        for i in range(start, start + k):
+            good = continuation[i] if i < len(continuation) else 3
+            proposed.append(good if rng.random() < accept_rate else (good + 1) % 512)
+        return mx.array([proposed], mx.int32) + 0 * real
+
+    monkeypatch.setattr(engine, "draft_block", draft_block)
+
+
+# --- drafter parity --------------------------------------------------------------------------
+
+
+def reference_drafts(hf_target, hf_drafter, prefix, bonus, k):
+    """The reference generator's drafts after `prefix`, with `bonus` the target's next token.
+
+    The target state is computed fresh from the accepted prefix, so the drafter sees exactly the
+    accepted tokens (see the closing note on transformers' assisted loop, which after a rejection
+    also hands the drafter the rejected tokens' K/V)."""
+    with torch.no_grad():
+        out = hf_target(
+            input_ids=torch.tensor([prefix]), output_hidden_states=True, return_shared_kv_states=True, use_cache=False
+        )
+        hf_drafter.generation_config.num_assistant_tokens = k
+        gen = SinglePositionMultiTokenCandidateGenerator(
+            hf_drafter, hf_target.get_input_embeddings(), hf_target.generation_config
+        )
+        gen.main_model_max_length = 10**6
+        ids, _ = gen.get_candidates(
+            torch.tensor([prefix + [bonus]]), {}, out, is_first_iteration=False, n_last_matches=0
+        )
+    return ids[0, len(prefix) + 1 :].tolist()
+
+
+@pytest.mark.parametrize("k", DRAFT_LENGTHS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_drafts_match_reference_generator(variant, k, loaded, hf_models):
+    pair, _ = loaded(variant)
+    hf_target, hf_drafter = hf_models(variant)
+    prompt = prompt_ids(window_of(pair), long=True)
+    stats = Stats()
+    tokens = run(pair, prompt, 8 + k, k, stats=stats)
+
+    # Replay the rounds: each starts after the tokens emitted so far, from the last one.
+    sequence, emitted = list(prompt), [tokens[0]]
+    position = 1
+    for drafts, accepted in stats.round_log:
+        expected = reference_drafts(hf_target, hf_drafter, sequence + emitted[:-1], emitted[-1], len(drafts))
+        assert drafts == expected
+        step = tokens[position : position + accepted + 1]
+        emitted += step
+        position += len(step)
+    assert len(stats.round_log) >= 3
+
+
+# --- greedy exactness ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_models):
+    cache = {}
+
+    def make(variant, prompt, n):
+        key = (variant, tuple(prompt), n)
+        if key not in cache:
+            target, _ = hf_models(variant)
+            config = copy.deepcopy(target.generation_config)
+            config.eos_token_id, config.do_sample, config.max_new_tokens = None, False, n  # run through EOS
+            with torch.no_grad():
+                out = target.generate(torch.tensor([prompt]), generation_config=config)
+            cache[key] = out[0, len(prompt) :].tolist()
+        return cache[key]
+
+    return make
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short-prompt", "long-prompt"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_mtp_equals_plain_and_reference(variant, long, loaded, hf_greedy, monkeypatch):
+    pair, _ = loaded(variant)
+    window = window_of(pair)
+    prompt = prompt_ids(window, long)
+    n = 4 * window + 3
+    plain = run(plain_pair(pair), prompt, n, 0)
+    assert plain == hf_greedy(variant, prompt, n)
+
+    for k in DRAFT_LENGTHS:
+        assert run(pair, prompt, n, k) == plain  # the real drafter (random weights: rejections)
+    for k in DRAFT_LENGTHS:
+        with monkeypatch.context() as m:
+            inject_drafts(m, plain, len(prompt), accept_rate=0.85, seed=k)
+            stats = Stats()
+            assert run(pair, prompt, n, k, stats=stats) == plain
+            accepted = [a for _, a in stats.round_log]
+            assert 0 in accepted and max(accepted) == k and stats.rounds < n  # rollbacks of every size happened
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_exact_after_4_bit_conversion(variant, loaded, monkeypatch):
+    pair, _ = loaded(variant, bits=4)
+    window = window_of(pair)
+    prompt = prompt_ids(window, long=True, seed=1)
+    n = 4 * window
+    plain = run(plain_pair(pair), prompt, n, 0)
+    for k in DRAFT_LENGTHS:
+        assert run(pair, prompt, n, k) == plain
+        with monkeypatch.context() as m:
+            inject_drafts(m, plain, len(prompt), accept_rate=0.8, seed=k)
+            assert run(pair, prompt, n, k) == plain
+
+
+# --- stopping --------------------------------------------------------------------------------
+
+
+def test_stops_exactly_at_max_tokens_and_eos_inside_accepted_blocks(loaded, monkeypatch):
+    pair, _ = loaded("31b")
+    prompt = prompt_ids(window_of(pair), long=False)
+    plain = run(plain_pair(pair), prompt, 40, 0)
+    inject_drafts(monkeypatch, plain, len(prompt), accept_rate=1.0)
+    for max_tokens in range(0, 14):
+        assert run(pair, prompt, max_tokens, 4) == plain[:max_tokens]
+    for j in range(1, 12):
+        eos = plain[j]
+        first = plain.index(eos)
+        stats = Stats()
+        assert run(pair, prompt, 40, 4, eos=[eos], stats=stats) == plain[: first + 1]
+        assert stats.generated_tokens == first + 1
+
+
+# --- one host synchronization per round -------------------------------------------------------
+
+
+class CountingMx:
+    """Stands in for the engine's `mx` and counts evaluations."""
+
+    def __init__(self):
+        self.evals = self.async_evals = 0
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    def eval(self, *args):
+        self.evals += 1
+        return mx.eval(*args)
+
+    def async_eval(self, *args):
+        self.async_evals += 1
+        return mx.async_eval(*args)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_one_host_sync_per_round(k, loaded, monkeypatch):
+    pair, _ = loaded("e2b")
+    prompt = prompt_ids(window_of(pair), long=True)
+    plain = run(plain_pair(pair), prompt, 30, 0)
+    inject_drafts(monkeypatch, plain, len(prompt), accept_rate=0.7)
+    counter = CountingMx()
+    monkeypatch.setattr(engine, "mx", counter)
+    stats = Stats()
+    assert run(pair if k else plain_pair(pair), prompt, 30, k, stats=stats) == plain
+    # one eval for the prompt (short prompts need no intermediate prefill evals), then one per round
+    assert counter.evals == 1 + stats.rounds
+    assert stats.rounds > 5
+
+
+# --- the public API --------------------------------------------------------------------------
+
+
+def test_stream_generate_api(loaded, pair_dir, reference_pair, monkeypatch):
+    pair, tokenizer = loaded("e4b")
+    prompt = prompt_ids(window_of(pair), long=True)
+    plain = run(plain_pair(pair), prompt, 24, 0)
+    inject_drafts(monkeypatch, plain, len(prompt), accept_rate=0.8)
+    responses = list(stream_generate(pair, tokenizer, prompt, max_tokens=24, num_draft_tokens=4))
+    assert [r.token for r in responses] == plain
+    assert any(r.from_draft for r in responses) and not responses[0].from_draft
+    last = responses[-1]
+    assert last.finish_reason == "length" and all(r.stats is None for r in responses[:-1])
+    stats = last.stats
+    assert stats.generated_tokens == 24
+    assert stats.rounds == len(stats.round_log)
+    assert sum(a for _, a in stats.round_log) + stats.rounds + 1 == 24
+    assert stats.accepted_per_position[0] == sum(a >= 1 for _, a in stats.round_log)
+    assert stats.tokens_per_second > 0
+    assert "".join(r.text for r in responses) == tokenizer.decode(plain)
+
+    # a pair folder, a target with an explicit drafter, and a target alone all load
+    target, draft = reference_pair("e4b")
+    for p, _ in (load(str(target), draft_path=str(draft)), load(str(pair_dir("e4b") / "target"))):
+        assert run(engine.Pair(p.target), prompt, 10, 0) == plain[:10]
+
+
+def test_string_prompt_and_plain_path(loaded):
+    pair, tokenizer = loaded("12b")
+    text = "".join(r.text for r in stream_generate(pair, tokenizer, "def f(x):", max_tokens=12, num_draft_tokens=0))
+    again = "".join(r.text for r in stream_generate(pair, tokenizer, "def f(x):", max_tokens=12, num_draft_tokens=3))
+    assert text == again and len(text) > 0
