@@ -1,6 +1,5 @@
 """The MTP engine against the transformers reference: drafts, greedy exactness, syncs, stopping."""
 
-import copy
 
 import mlx.core as mx
 import numpy as np
@@ -152,11 +151,15 @@ def hf_greedy(hf_models):
         key = (variant, tuple(prompt), n)
         if key not in cache:
             target, _ = hf_models(variant)
-            config = copy.deepcopy(target.generation_config)
-            config.eos_token_id, config.do_sample, config.max_new_tokens = None, False, n  # run through EOS
-            with torch.no_grad():
-                out = target.generate(torch.tensor([prompt]), generation_config=config)
-            cache[key] = out[0, len(prompt) :].tolist()
+            with torch.no_grad():  # greedy through the reference's own (sliding) cache, past any EOS
+                out = target(input_ids=torch.tensor([prompt]), use_cache=True)
+                tokens = [int(out.logits[0, -1].argmax())]
+                for _ in range(n - 1):
+                    out = target(
+                        input_ids=torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True
+                    )
+                    tokens.append(int(out.logits[0, -1].argmax()))
+            cache[key] = tokens
         return cache[key]
 
     return make
@@ -270,7 +273,12 @@ def test_stream_generate_api(loaded, pair_dir, reference_pair, monkeypatch):
     assert sum(a for _, a in stats.round_log) + stats.rounds + 1 == 24
     assert stats.accepted_per_position[0] == sum(a >= 1 for _, a in stats.round_log)
     assert stats.tokens_per_second > 0
-    assert "".join(r.text for r in responses) == tokenizer.decode(plain)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for t in plain:
+        detokenizer.add_token(t)
+    detokenizer.finalize()
+    assert "".join(r.text for r in responses) == detokenizer.text
 
     # a pair folder, a target with an explicit drafter, and a target alone all load
     target, draft = reference_pair("e4b")
