@@ -24,7 +24,7 @@ from mlx_gemma_mtp.errors import MTPError
 
 from .checkpoint import read_config, weight_files
 from .draft import quantize_drafter
-from .config import normalize_draft_config, normalize_target_config, text_config_of, validate_pair
+from mlx_gemma_mtp.config import normalize_draft_config, normalize_target_config, text_config_of, validate_pair
 from .sources import resolve_source
 from .target import build_target, quantize, save_target
 

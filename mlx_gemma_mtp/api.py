@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .convert.config import normalize_draft_config, normalize_target_config, validate_pair
+from .config import normalize_draft_config, normalize_target_config, validate_pair
 from .convert.sources import resolve_source
 from .drafter import load_drafter
 from .errors import MTPError

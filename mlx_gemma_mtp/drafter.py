@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import gemma4_text
 
+from .config import normalize_text_config
 from .errors import MTPError
 
 MODEL_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
@@ -32,75 +33,27 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 SharedKV = Dict[str, Tuple[mx.array, mx.array]]
 
 
-def _default_layer_types(n: int):
-    # transformers' default: 5 sliding then 1 full, and the last layer is always full
-    types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
-    types[-1] = "full_attention"
-    return types
-
-
-def _full_attention_overrides(text_config: dict, layer_types) -> Tuple[Optional[int], Optional[int]]:
-    """(global_head_dim, num_global_key_value_heads) from either config spelling.
-
-    transformers 5.7 (the Google upload) writes `global_head_dim`; newer releases write
-    `per_layer_config` = {"layer index": {"head_dim": ..., "num_key_value_heads": ...}}.
-    mlx-lm's attention only knows one head dim per layer type, so anything else is refused.
-    """
-    per_layer = text_config.get("per_layer_config")
-    if not per_layer:
-        return text_config.get("global_head_dim", 512), text_config.get("num_global_key_value_heads")
-
-    head_dims, kv_heads = set(), set()
-    for key, overrides in per_layer.items():
-        try:
-            idx = int(key)
-            kind = layer_types[idx]
-        except (ValueError, IndexError):
-            raise MTPError(f"drafter config: per_layer_config has an invalid layer index {key!r}")
-        unknown = set(overrides) - {"head_dim", "num_key_value_heads"}
-        if unknown:
-            raise MTPError(f"drafter config: per_layer_config[{key!r}] sets unsupported fields {sorted(unknown)}")
-        if kind != "full_attention":
-            if overrides.get("head_dim", text_config.get("head_dim", 256)) != text_config.get("head_dim", 256):
-                raise MTPError(f"drafter config: sliding layer {idx} overrides head_dim, which is not supported")
-            continue
-        head_dims.add(overrides.get("head_dim", text_config.get("head_dim", 256)))
-        if "num_key_value_heads" in overrides:
-            kv_heads.add(overrides["num_key_value_heads"])
-    if len(head_dims) > 1 or len(kv_heads) > 1:
-        raise MTPError("drafter config: full-attention layers with different head dims are not supported")
-    global_head_dim = head_dims.pop() if head_dims else text_config.get("head_dim", 256)
-    return global_head_dim, (kv_heads.pop() if kv_heads else None)
-
-
-def text_model_args(text_config: dict) -> gemma4_text.ModelArgs:
+def text_model_args(text_config: dict, unified: bool = False) -> gemma4_text.ModelArgs:
     """mlx-lm Gemma 4 text args for the drafter's decoder stack (every layer KV-shared)."""
-    tc = dict(text_config)
-    n = tc.get("num_hidden_layers", 4)
-    layer_types = list(tc.get("layer_types") or _default_layer_types(n))
-    if len(layer_types) != n or any(t not in LAYER_TYPES for t in layer_types):
-        raise MTPError(f"drafter config: bad layer_types {layer_types} for {n} layers")
-    if tc.get("hidden_size_per_layer_input"):
+    n = text_config.get("num_hidden_layers", 4)
+    # An assistant's config states these as 0/False; when a writer leaves them out they still are.
+    tc = {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0, "num_hidden_layers": n}
+    tc.update(text_config)
+    tc["num_kv_shared_layers"] = tc.get("num_kv_shared_layers") or n  # transformers turns 0 into "all"
+    tc = normalize_text_config(tc, unified, role="drafter config")
+    if any(t not in LAYER_TYPES for t in tc["layer_types"]):
+        raise MTPError(f"drafter config: bad layer_types {tc['layer_types']}")
+    if tc["hidden_size_per_layer_input"]:
         raise MTPError("drafter config: per-layer inputs (hidden_size_per_layer_input) are not supported")
-    if tc.get("enable_moe_block"):
+    if tc["enable_moe_block"]:
         raise MTPError("drafter config: MoE blocks are not supported in a drafter")
-    shared = tc.get("num_kv_shared_layers") or n  # transformers turns 0 into "all"
-    if shared != n:
-        raise MTPError(f"drafter config: every layer must be KV-shared, got {shared} of {n}")
+    if tc["num_kv_shared_layers"] != n:
+        raise MTPError(f"drafter config: every layer must be KV-shared, got {tc['num_kv_shared_layers']} of {n}")
     if tc.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise MTPError(f"drafter config: unsupported activation {tc['hidden_activation']!r}")
-    global_head_dim, global_kv_heads = _full_attention_overrides(tc, layer_types)
-    tc.update(
-        layer_types=layer_types,
-        num_hidden_layers=n,
-        num_kv_shared_layers=n,
-        global_head_dim=global_head_dim,
-        num_global_key_value_heads=global_kv_heads,
-        hidden_size_per_layer_input=0,
-        # double-wide MLPs only apply after a non-shared prefix, which a drafter has not
-        use_double_wide_mlp=False,
-        final_logit_softcapping=None,  # the drafter's head has no softcap
-    )
+    # double-wide MLPs only apply after a non-shared prefix, which a drafter has not;
+    # the drafter's head has no softcap
+    tc.update(use_double_wide_mlp=False, final_logit_softcapping=None)
     return gemma4_text.ModelArgs.from_dict(tc)
 
 
@@ -135,7 +88,9 @@ class DrafterArgs:
         )
 
     def __post_init__(self):
-        self.text = text_model_args({**self.text_config, "vocab_size": self.vocab_size})
+        self.text = text_model_args(
+            {**self.text_config, "vocab_size": self.vocab_size}, self.model_type == "gemma4_unified_assistant"
+        )
         window = self.text_config.get("sliding_window", 512)
         # transformers' config halves the window when everything is bidirectional
         if self.text_config.get("use_bidirectional_attention") == "all":

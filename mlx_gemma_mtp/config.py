@@ -89,14 +89,22 @@ def normalize_text_config(text: dict, unified: bool, role: str) -> dict:
     per_layer = out.pop("per_layer_config", None)
     if per_layer:
         _apply_per_layer_config(out, per_layer, role)
-    if not out["attention_k_eq_v"]:
-        out["num_global_key_value_heads"] = None
     return out
 
 
 def _apply_per_layer_config(out: dict, per_layer: dict, role: str) -> None:
     """Turn {"layer": {"head_dim": .., "num_key_value_heads": ..}} into the global_* fields."""
-    overrides = {int(k): v or {} for k, v in per_layer.items()}
+    overrides = {}
+    for key, fields in per_layer.items():
+        try:
+            index = int(key)
+            out["layer_types"][index]
+        except (ValueError, IndexError):
+            raise MTPError(f"{role}: per_layer_config names no layer {key!r}") from None
+        unknown = set(fields or {}) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise MTPError(f"{role}: per_layer_config[{key!r}] sets unsupported fields {sorted(unknown)}")
+        overrides[index] = fields or {}
     full = {}
     for i, kind in enumerate(out["layer_types"]):
         o = overrides.get(i, {})
@@ -113,10 +121,9 @@ def _apply_per_layer_config(out: dict, per_layer: dict, role: str) -> None:
     if shapes:
         (head_dim, kv_heads) = shapes.pop()
         out["global_head_dim"] = head_dim
-        if out["attention_k_eq_v"]:
-            out["num_global_key_value_heads"] = kv_heads
-        elif kv_heads != out["num_key_value_heads"]:
-            raise MTPError(f"{role}: full layers with their own KV head count need attention_k_eq_v")
+        # without K=V the full layers' own KV head count only matters when it differs
+        differs = kv_heads != out["num_key_value_heads"]
+        out["num_global_key_value_heads"] = kv_heads if out["attention_k_eq_v"] or differs else None
 
 
 def text_config_of(config: dict) -> dict:
@@ -158,7 +165,8 @@ def normalize_draft_config(config: dict) -> dict:
 
 def attention_shapes(text: dict) -> dict:
     """(head_dim, kv_heads) per layer type, from a normalized text config."""
-    full_kv = text["num_global_key_value_heads"] or text["num_key_value_heads"]
+    # mlx-lm (like transformers) gives full layers their own KV head count only with K=V attention
+    full_kv = (text["attention_k_eq_v"] and text["num_global_key_value_heads"]) or text["num_key_value_heads"]
     return {
         "sliding_attention": (text["head_dim"], text["num_key_value_heads"]),
         "full_attention": (text["global_head_dim"], full_kv),
