@@ -92,3 +92,7 @@ def convert(target, draft, out, quantize, q_bits, q_group_size, q_mode, draft_q_
     if result.draft_bits_per_weight is not None:
         summary += f", drafter {result.draft_bits_per_weight:.2f} bits/weight"
     click.echo(f"wrote {result.out} ({summary})")
+
+
+# Subcommands live in their own modules and register themselves on `main`.
+from . import bench_command, generate_command  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""`gemma-mtp bench` (being written)."""

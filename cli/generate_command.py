@@ -1,0 +1,1 @@
+"""`gemma-mtp generate` and `gemma-mtp chat` (being written)."""
