@@ -1,1 +1,111 @@
-"""`gemma-mtp bench` (being written)."""
+"""`gemma-mtp bench`: mlx-lm, plain and MTP decoding side by side on one pair."""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_gemma_mtp.cli import main
+
+SHAPE_NAMES = ["e2b", "e4b", "12b", "26b", "31b"]
+DEFAULT_PROMPTS = [
+    "def parse_args(argv):\n    \"\"\"Parse the command line.\"\"\"\n",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+]
+
+
+def int_list(text: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or any(not 1 <= v <= 16 for v in values):
+        raise click.BadParameter("draft lengths must be between 1 and 16")
+    return values
+
+
+def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [[2] + rng.integers(10, vocab, size=length - 1).tolist() for _ in range(count)]
+
+
+@main.command()
+@click.option("--model", "model_path", metavar="PATH", help="A converted pair folder (target + drafter).")
+@click.option("--shape", type=click.Choice(SHAPE_NAMES), help="Build a random float32 pair with this variant's shapes.")
+@click.option("--layers", type=int, default=6, show_default=True, help="Target layers for --shape.")
+@click.option("--vocab", type=int, default=32768, show_default=True, help="Vocabulary for --shape.")
+@click.option("--experts", type=int, help="Experts per MoE layer for --shape 26b (default: the real 128).")
+@click.option("--tokens", type=int, default=64, show_default=True, help="Tokens generated per prompt.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable; --model only).")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Random prompt length for --shape.")
+@click.option("--num-prompts", type=int, default=1, show_default=True, help="Random prompts for --shape.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved repeats; medians are reported.")
+@click.option("--ks", "ks", default="1,2,3,4,5,6,7,8", show_default=True, help="Fixed draft lengths to run.")
+@click.option("--no-adaptive", is_flag=True, help="Skip the adaptive draft length.")
+@click.option("--no-mlx-lm", is_flag=True, help="Skip mlx_lm.stream_generate.")
+@click.option("--inject-acceptance", metavar="P1,P2,..", help="Inject this conditional acceptance per draft position.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw speedup and acceptance (matplotlib).")
+def bench(model_path, shape, layers, vocab, experts, tokens, prompts, prompt_tokens, num_prompts, repeats, ks,
+          no_adaptive, no_mlx_lm, inject_acceptance, seed, json_path, plot_path):
+    """Benchmark mlx-lm, plain and MTP decoding (K = 1..8 and adaptive) on the same pair.
+
+    Speeds on machines without Apple Silicon are only meaningful as ratios (see the README)."""
+    from mlx_gemma_mtp import bench as b
+
+    if (model_path is None) == (shape is None):
+        raise click.UsageError("give exactly one of --model PATH or --shape NAME")
+    if prompts and shape:
+        raise click.UsageError("--prompt is for --model; --shape uses random prompts (--prompt-tokens)")
+    if tokens < 2 or repeats < 1:
+        raise click.UsageError("--tokens must be at least 2 and --repeats at least 1")
+    if plot_path:  # fail before the long run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    profile = None
+    if inject_acceptance is not None:
+        try:
+            profile = b.parse_profile(inject_acceptance)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--inject-acceptance") from None
+
+    b.preload_openblas(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
+
+    def log(message):
+        click.echo(message, err=True)
+
+    if shape:
+        log(f"building a random float32 {shape}-shaped pair: {layers} layers, vocab {vocab} ...")
+        pair = b.random_pair(shape, layers, vocab, experts, seed)
+        tokenizer = b.word_tokenizer(vocab)
+        prompt_ids = random_prompts(vocab, num_prompts, prompt_tokens, seed)
+        description = f"random float32 {shape} shapes, {layers} layers, vocab {vocab}"
+        if experts:
+            description += f", {experts} experts"
+    else:
+        from mlx_gemma_mtp import load
+
+        pair, tokenizer = load(model_path)
+        if pair.drafter is None:
+            raise click.UsageError(f"'{model_path}' has no drafter: the bench compares plain and MTP decoding")
+        prompt_ids = [tokenizer.encode(p) for p in (prompts or DEFAULT_PROMPTS)]
+        description = str(model_path)
+    tokenizer.eos_token_ids = set()  # every setting decodes exactly --tokens tokens
+
+    opts = b.BenchOptions(tokens=tokens, repeats=repeats, ks=int_list(ks), adaptive=not no_adaptive,
+                          mlx_lm=not no_mlx_lm, inject=profile, seed=seed)
+    report = {"model": description, **b.bench(pair, tokenizer, prompt_ids, opts, log=log)}
+    report = {"model": description, **{k: v for k, v in report.items() if k != "model"}}
+    click.echo(b.format_report(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(b.report_dict(report), indent=2) + "\n")
+        log(f"wrote {json_path}")
+    if plot_path:
+        b.plot(report, plot_path)
+        log(f"wrote {plot_path}")

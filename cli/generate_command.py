@@ -1,1 +1,334 @@
-"""`gemma-mtp generate` and `gemma-mtp chat` (being written)."""
+"""`gemma-mtp generate` (one prompt, streamed) and `gemma-mtp chat` (a multi-turn REPL)."""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from mlx_gemma_mtp.cli import main
+from mlx_gemma_mtp.errors import MTPError
+
+INTERRUPTED = 130  # the shell's exit status for SIGINT
+
+
+# ---- option types ---------------------------------------------------------------------------
+
+
+class DraftTokens(click.ParamType):
+    """A draft length: a whole number >= 0, or 'adaptive'."""
+
+    name = "K|adaptive"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "adaptive":
+            return value
+        try:
+            k = int(value)
+        except ValueError:
+            self.fail(f"expected a number of tokens or 'adaptive', got '{value}'", param, ctx)
+        if k < 0:
+            self.fail(f"must not be negative, got {k}", param, ctx)
+        return k
+
+
+def finite(ctx, param, value):
+    # click's FloatRange lets nan through (every comparison with nan is false)
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", ctx, param)
+    return value
+
+
+def model_options(f):
+    """The flags `generate` and `chat` share: model, drafter, sampling, draft length."""
+    options = [
+        click.option("--model", required=True, metavar="PATH|REPO",
+                     help="A converted pair folder, or a target: mlx-lm/HF folder or hub repo id."),
+        click.option("--draft-model", metavar="PATH|REPO", help="The MTP drafter (default: the pair's own)."),
+        click.option("--no-draft", is_flag=True, help="Load no drafter: plain decoding."),
+        click.option("--num-draft-tokens", type=DraftTokens(), default="4", show_default=True,
+                     help="Tokens drafted per round, or 'adaptive'."),
+        click.option("--system", metavar="TEXT", help="A system message."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Most tokens generated per reply."),
+        click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True, callback=finite,
+                     help="Sampling temperature; 0 is greedy (exactly the target's greedy output)."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     callback=finite, help="Nucleus sampling: keep the smallest set with this mass."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Keep the K most likely tokens; 0 keeps all."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True, callback=finite,
+                     help="Drop tokens less likely than this fraction of the top one."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), callback=finite,
+                     help="Penalize tokens already in the context (1 is none)."),
+        click.option("--seed", type=int, help="Random seed for sampling."),
+        click.option("--verbose", is_flag=True, help="More detail on stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+# ---- loading and prompts --------------------------------------------------------------------
+
+
+def load_model(model, draft_model, no_draft):
+    from mlx_gemma_mtp import Pair, load
+
+    if no_draft and draft_model:
+        raise click.UsageError("--no-draft and --draft-model contradict each other")
+    if not no_draft:
+        return load(model, draft_path=draft_model)
+    pair, tokenizer = load(target_of(model))
+    # a pair given as a hub id still brought its drafter: drop it
+    return (Pair(pair.target) if pair.drafter is not None else pair), tokenizer
+
+
+def target_of(model):
+    """The target folder of a local converted pair, so --no-draft never reads its drafter."""
+    manifest = Path(model).expanduser() / "mtp.json"
+    if not manifest.is_file():
+        return model
+    try:
+        return str(manifest.parent / json.loads(manifest.read_text())["target"]["path"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MTPError(f"cannot read '{manifest}': {e}") from None
+
+
+def read_prompt(prompt):
+    """--prompt TEXT, or stdin when --prompt is absent (or '-') and stdin is not a terminal."""
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise click.UsageError("no prompt: pass --prompt TEXT or pipe it on stdin")
+        prompt = sys.stdin.read()
+        if prompt.endswith("\n"):
+            prompt = prompt[:-1]  # the newline `echo` and editors add is not part of the prompt
+    if not prompt.strip():
+        raise MTPError("the prompt is empty")
+    return prompt
+
+
+def messages_for(system, user=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    if user is not None:
+        messages.append({"role": "user", "content": user})
+    return messages
+
+
+def chat_tokens(tokenizer, messages):
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise MTPError("the model's tokenizer has no chat template (use --raw to send the prompt as is)")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def context_length(pair):
+    return getattr(pair.view.args, "max_position_embeddings", None)
+
+
+def check_context(pair, ids, max_tokens):
+    """Refuse a prompt that does not fit; shorten max_tokens to what the context leaves."""
+    limit = context_length(pair)
+    if limit is None:
+        return max_tokens
+    if len(ids) >= limit:
+        raise MTPError(f"the prompt has {len(ids)} tokens; the model's context is {limit} tokens")
+    return min(max_tokens, limit - len(ids))
+
+
+def draft_tokens(pair, num_draft_tokens):
+    return num_draft_tokens if pair.drafter is not None else 0
+
+
+def sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed):
+    return dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed)
+
+
+# ---- streaming and summaries ----------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What the command has seen itself, for a summary when Ctrl-C cuts generation short."""
+
+    start: float
+    tokens: int = 0
+    drafted: int = 0
+
+    def add(self, response):
+        self.tokens += 1
+        self.drafted += bool(response.from_draft)
+
+    def line(self):
+        seconds = time.perf_counter() - self.start
+        rate = self.tokens / seconds if seconds else 0.0
+        return (f"interrupted: {self.tokens} tokens ({self.drafted} from drafts) in {seconds:.2f} s "
+                f"including the prompt, {rate:.1f} tok/s")
+
+
+def stream(pair, tokenizer, prompt, tally, **kwargs):
+    """Write the reply to stdout as it comes; returns (text, last response)."""
+    from mlx_gemma_mtp import stream_generate
+
+    parts, last = [], None
+    responses = stream_generate(pair, tokenizer, prompt, **kwargs)
+    try:
+        for r in responses:
+            tally.add(r)
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            parts.append(r.text)
+            last = r
+    finally:
+        responses.close()  # on Ctrl-C too: the generator settles its prompt cache now, not at GC
+    return "".join(parts), last
+
+
+def summary(stats, drafting):
+    line = (f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_second:.1f} tok/s | "
+            f"generation: {stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tok/s | ")
+    if drafting and stats.rounds:
+        line += f"{stats.tokens_per_round:.2f} tokens/round | "
+    line += f"peak memory {size(stats.peak_memory_bytes)}"
+    lines = [line]
+    if drafting and stats.acceptance_per_position:
+        lines.append("acceptance per position: " + " ".join(f"{a:.2f}" for a in stats.acceptance_per_position))
+    return lines
+
+
+def size(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def details(stats, finish_reason):
+    accepted = " ".join(f"{a}/{d}" for a, d in zip(stats.accepted_per_position, stats.drafted_per_position))
+    return [f"rounds: {stats.rounds}, accepted/drafted per position: {accepted or '-'}, finish: {finish_reason}"]
+
+
+def report(last, drafting, verbose):
+    if last is None or last.stats is None:
+        click.echo("no tokens generated", err=True)
+        return
+    for line in summary(last.stats, drafting):
+        click.echo(line, err=True)
+    if verbose:
+        for line in details(last.stats, last.finish_reason):
+            click.echo(line, err=True)
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+@main.command()
+@model_options
+@click.option("--prompt", metavar="TEXT", help="The prompt ('-' or absent: read stdin).")
+@click.option("--chat/--raw", "use_chat", default=True, show_default=True,
+              help="Apply the tokenizer's chat template (system + user turn), or send the prompt as is.")
+def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
+             repetition_penalty, seed, verbose, prompt, use_chat):
+    """Generate a reply to one prompt, streamed to stdout; a summary goes to stderr."""
+    text = read_prompt(prompt)
+    if system and not use_chat:
+        raise click.UsageError("--system needs the chat template (drop --raw)")
+    pair, tokenizer = load_model(model, draft_model, no_draft)
+    ids = chat_tokens(tokenizer, messages_for(system, text)) if use_chat else tokenizer.encode(text)
+    max_tokens = check_context(pair, ids, max_tokens)
+    drafting = draft_tokens(pair, num_draft_tokens) != 0
+    if verbose:
+        click.echo(f"prompt: {len(ids)} tokens ({'chat template' if use_chat else 'raw'}), "
+                   f"drafter: {'yes' if pair.drafter is not None else 'none'}", err=True)
+
+    tally = Tally(time.perf_counter())
+    try:
+        _, last = stream(pair, tokenizer, ids, tally, max_tokens=max_tokens,
+                         num_draft_tokens=draft_tokens(pair, num_draft_tokens),
+                         **sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        click.echo(tally.line(), err=True)
+        sys.exit(INTERRUPTED)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    report(last, drafting, verbose)
+
+
+HELP = "commands: /reset (new conversation), /stats (the last reply), /quit (or end of input)"
+
+
+@main.command()
+@model_options
+def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
+         repetition_penalty, seed, verbose):
+    """Chat on stdin/stdout, keeping the KV cache between turns."""
+    from mlx_gemma_mtp import make_prompt_cache
+
+    pair, tokenizer = load_model(model, draft_model, no_draft)
+    k = draft_tokens(pair, num_draft_tokens)
+    sampling = sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(HELP, err=True)
+
+    messages, cache, last = messages_for(system), make_prompt_cache(pair), None
+    while True:
+        line = read_line(interactive)
+        if line is None or line in ("/quit", "/exit"):
+            return
+        if not line:
+            continue
+        if line == "/reset":
+            messages, cache, last = messages_for(system), make_prompt_cache(pair), None
+            click.echo("(new conversation)", err=True)
+            continue
+        if line == "/stats":
+            report(last, k != 0, True)
+            continue
+        if line.startswith("/"):
+            click.echo(f"unknown command '{line}'; {HELP}", err=True)
+            continue
+
+        turn = messages + [{"role": "user", "content": line}]
+        ids = chat_tokens(tokenizer, turn)
+        try:
+            budget = check_context(pair, ids, max_tokens)
+        except MTPError as e:
+            # the conversation outgrew the context: the session goes on, the turn is dropped
+            click.echo(f"error: {e} (/reset starts a new conversation)", err=True)
+            continue
+
+        tally = Tally(time.perf_counter())
+        try:
+            reply, last = stream(pair, tokenizer, ids, tally, max_tokens=budget, num_draft_tokens=k,
+                                 prompt_cache=cache, **sampling)
+        except KeyboardInterrupt:
+            # an interrupted round may leave unverified drafts in the cache: start a fresh one,
+            # and drop the unfinished turn so the conversation stays what the model has seen
+            cache = make_prompt_cache(pair)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            click.echo(tally.line(), err=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages = turn + [{"role": "assistant", "content": reply}]
+        if verbose and last is not None and last.stats is not None:
+            s = last.stats
+            click.echo(f"prompt: {len(ids)} tokens, {s.prompt_tokens} processed, "
+                       f"{s.reused_prompt_tokens} reused from the cache", err=True)
+            report(last, k != 0, True)
+
+
+def read_line(interactive):
+    """The next user line, or None at the end of input (or Ctrl-C at the prompt)."""
+    if interactive:
+        click.echo("> ", nl=False)
+    try:
+        line = sys.stdin.readline()
+    except KeyboardInterrupt:
+        click.echo("")
+        return None
+    return line.strip() if line else None

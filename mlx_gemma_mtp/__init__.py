@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from .api import Response, generate, load, stream_generate  # noqa: E402
-from .decode import Pair, Stats  # noqa: E402
+from .decode import Pair, PromptCache, Stats, make_prompt_cache  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "Response", "Pair", "Stats"]
+__all__ = ["load", "generate", "stream_generate", "make_prompt_cache", "Response", "Pair", "PromptCache", "Stats"]

@@ -3,17 +3,19 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.sample_utils import make_repetition_penalty
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import normalize_draft_config, normalize_target_config, validate_pair
 from .convert.sources import resolve_source
 from .drafter import load_drafter
 from .errors import MTPError
-from .decode import Pair, Stats, generate_tokens
+from .sampling import Sampling
+from .decode import Pair, PromptCache, Stats, check_draft_tokens, generate_tokens
 
 MANIFEST = "mtp.json"
 
@@ -81,14 +83,25 @@ class Response:
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length", on the last response
 
 
-def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, list]) -> mx.array:
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    else:
-        ids = list(prompt)
+def _prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt: Union[str, list]) -> list:
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         raise MTPError("the prompt is empty")
-    return mx.array(ids, mx.uint32)
+    context = pair.view.args.max_position_embeddings
+    if len(ids) >= context:
+        raise MTPError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+    return ids
+
+
+def _draft_policy(num_draft_tokens):
+    if num_draft_tokens == "adaptive":
+        from .adaptive import AdaptiveDraft
+
+        return AdaptiveDraft(max_k=8)
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+        raise MTPError(f"num_draft_tokens must be a whole number or 'adaptive', got {num_draft_tokens!r}")
+    check_draft_tokens(num_draft_tokens)
+    return num_draft_tokens
 
 
 def stream_generate(
@@ -96,41 +109,61 @@ def stream_generate(
     tokenizer: TokenizerWrapper,
     prompt: Union[str, list],
     max_tokens: int = 256,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: Union[int, str] = 4,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    seed: Optional[int] = None,
+    sampler: Optional[Callable] = None,
+    logits_processors: Optional[list] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[Response]:
-    """Yield a Response per generated token; the last one carries `stats` and `finish_reason`."""
-    if max_tokens < 0 or num_draft_tokens < 0:
-        raise MTPError("max_tokens and num_draft_tokens must not be negative")
-    ids = _prompt_ids(tokenizer, prompt)
+    """Yield a Response per generated token; the last one carries `stats` and `finish_reason`.
+
+    Sampling arguments mean what they mean in mlx-lm (`sampler` / `logits_processors` built with
+    mlx_lm.sample_utils are accepted too); temperature 0 is greedy. With a drafter, the output
+    follows the target's own distribution exactly. `prompt_cache` (from `make_prompt_cache`) keeps
+    the KV cache between calls: pass the whole conversation each time and only what the cache does
+    not already hold is computed.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise MTPError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+    policy = _draft_policy(num_draft_tokens)
+    processors = list(logits_processors or [])
+    if repetition_penalty is not None:
+        if not repetition_penalty > 0:
+            raise MTPError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    sampling = Sampling(temperature, top_p, top_k, min_p, sampler=sampler, logits_processors=processors, seed=seed)
+    ids = _prompt_ids(pair, tokenizer, prompt)
     eos = set(tokenizer.eos_token_ids)
     stats = Stats()
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     last = None
-    for token, from_draft in generate_tokens(pair, ids, max_tokens, num_draft_tokens, eos, stats):
+    tokens = generate_tokens(pair, ids, max_tokens, policy, eos, stats, sampling, prompt_cache)
+    for token, from_draft in tokens:
         if last is not None:
             yield last
         if token in eos:
-            detokenizer.finalize()
-            last = Response(detokenizer.last_segment, token, from_draft, finish_reason="stop")
+            last = Response("", token, from_draft, finish_reason="stop")
             break
         detokenizer.add_token(token)
         last = Response(detokenizer.last_segment, token, from_draft)
+    tokens.close()  # settles the prompt cache before the caller sees the last response
     if last is None:
         return
-    if last.finish_reason is None:
-        detokenizer.finalize()
-        last.text += detokenizer.last_segment
-        last.finish_reason = "length"
+    detokenizer.finalize()
+    last.text += detokenizer.last_segment
+    last.finish_reason = last.finish_reason or "length"
     last.stats = stats
     yield last
 
 
-def generate(
-    pair: Pair,
-    tokenizer: TokenizerWrapper,
-    prompt: Union[str, list],
-    max_tokens: int = 256,
-    num_draft_tokens: int = 4,
-) -> str:
-    return "".join(r.text for r in stream_generate(pair, tokenizer, prompt, max_tokens, num_draft_tokens))
+def generate(pair: Pair, tokenizer: TokenizerWrapper, prompt: Union[str, list], **kwargs) -> str:
+    """The whole text of `stream_generate` (same arguments)."""
+    return "".join(r.text for r in stream_generate(pair, tokenizer, prompt, **kwargs))

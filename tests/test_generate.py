@@ -1,12 +1,15 @@
 """The MTP engine against the transformers reference: drafts, greedy exactness, syncs, stopping."""
 
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
+import mlx_gemma_mtp.api as api
 import mlx_gemma_mtp.decode as engine
 import reference_models as ref
 from mlx_gemma_mtp import load, stream_generate
@@ -69,30 +72,28 @@ def prompt_ids(window, long, seed=0):
     return [2] + rng.integers(110, 512, size=n).tolist()
 
 
-def run(pair, prompt, max_tokens, k, eos=(), stats=None):
-    return [t for t, _ in generate_tokens(pair, mx.array(prompt, mx.uint32), max_tokens, k, eos, stats)]
+def run(pair, prompt, max_tokens, k, eos=(), stats=None, draft_filter=None):
+    return [t for t, _ in generate_tokens(pair, list(prompt), max_tokens, k, eos, stats, draft_filter=draft_filter)]
 
 
 def plain_pair(pair):
     return engine.Pair(pair.target)
 
 
-def inject_drafts(monkeypatch, continuation, prompt_len, accept_rate, seed=0):
-    """Replace the drafter's proposals by the target's own continuation, except where a seeded draw
-    rejects, so rounds accept 0..K drafts. The real drafter still runs (its tokens are discarded)."""
+def injection(continuation, prompt_len, accept_rate, seed=0):
+    """A draft filter replacing the drafter's proposals by the target's own continuation, except
+    where a seeded draw rejects, so rounds accept 0..K drafts (the real drafter still runs)."""
     rng = np.random.default_rng(seed)
-    real_draft_block = engine.draft_block
 
-    def draft_block(pair, token, hidden, cache, k):
-        real = real_draft_block(pair, token, hidden, cache, k)
-        start = cache[pair.view.producers["full_attention"]].offset - prompt_len + 1
+    def draft_filter(drafts, position):
+        start = position - prompt_len + 1
         proposed = []
-        for i in range(start, start + k):
+        for i in range(start, start + drafts.shape[1]):
             good = continuation[i] if i < len(continuation) else 3
             proposed.append(good if rng.random() < accept_rate else (good + 1) % 512)
-        return mx.array([proposed], mx.int32) + 0 * real
+        return mx.array([proposed], mx.int32) + 0 * drafts
 
-    monkeypatch.setattr(engine, "draft_block", draft_block)
+    return draft_filter
 
 
 # --- drafter parity --------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def hf_greedy(hf_models):
 
 @pytest.mark.parametrize("long", [False, True], ids=["short-prompt", "long-prompt"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_mtp_equals_plain_and_reference(variant, long, loaded, hf_greedy, monkeypatch):
+def test_greedy_mtp_equals_plain_and_reference(variant, long, loaded, hf_greedy):
     pair, _ = loaded(variant)
     window = window_of(pair)
     prompt = prompt_ids(window, long)
@@ -178,16 +179,14 @@ def test_greedy_mtp_equals_plain_and_reference(variant, long, loaded, hf_greedy,
     for k in DRAFT_LENGTHS:
         assert run(pair, prompt, n, k) == plain  # the real drafter (random weights: rejections)
     for k in DRAFT_LENGTHS:
-        with monkeypatch.context() as m:
-            inject_drafts(m, plain, len(prompt), accept_rate=0.85, seed=k)
-            stats = Stats()
-            assert run(pair, prompt, n, k, stats=stats) == plain
-            accepted = [a for _, a in stats.round_log]
-            assert 0 in accepted and max(accepted) == k and stats.rounds < n  # rollbacks of every size happened
+        stats = Stats()
+        assert run(pair, prompt, n, k, stats=stats, draft_filter=injection(plain, len(prompt), 0.85, seed=k)) == plain
+        accepted = [a for _, a in stats.round_log]
+        assert 0 in accepted and max(accepted) == k and stats.rounds < n  # rollbacks of every size happened
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_exact_after_4_bit_conversion(variant, loaded, monkeypatch):
+def test_greedy_exact_after_4_bit_conversion(variant, loaded):
     pair, _ = loaded(variant, bits=4)
     window = window_of(pair)
     prompt = prompt_ids(window, long=True, seed=1)
@@ -195,26 +194,24 @@ def test_greedy_exact_after_4_bit_conversion(variant, loaded, monkeypatch):
     plain = run(plain_pair(pair), prompt, n, 0)
     for k in DRAFT_LENGTHS:
         assert run(pair, prompt, n, k) == plain
-        with monkeypatch.context() as m:
-            inject_drafts(m, plain, len(prompt), accept_rate=0.8, seed=k)
-            assert run(pair, prompt, n, k) == plain
+        assert run(pair, prompt, n, k, draft_filter=injection(plain, len(prompt), 0.8, seed=k)) == plain
 
 
 # --- stopping --------------------------------------------------------------------------------
 
 
-def test_stops_exactly_at_max_tokens_and_eos_inside_accepted_blocks(loaded, monkeypatch):
+def test_stops_exactly_at_max_tokens_and_eos_inside_accepted_blocks(loaded):
     pair, _ = loaded("31b")
     prompt = prompt_ids(window_of(pair), long=False)
     plain = run(plain_pair(pair), prompt, 40, 0)
-    inject_drafts(monkeypatch, plain, len(prompt), accept_rate=1.0)
     for max_tokens in range(0, 14):
-        assert run(pair, prompt, max_tokens, 4) == plain[:max_tokens]
+        assert run(pair, prompt, max_tokens, 4, draft_filter=injection(plain, len(prompt), 1.0)) == plain[:max_tokens]
     for j in range(1, 12):
         eos = plain[j]
         first = plain.index(eos)
         stats = Stats()
-        assert run(pair, prompt, 40, 4, eos=[eos], stats=stats) == plain[: first + 1]
+        inject = injection(plain, len(prompt), 1.0)
+        assert run(pair, prompt, 40, 4, eos=[eos], stats=stats, draft_filter=inject) == plain[: first + 1]
         assert stats.generated_tokens == first + 1
 
 
@@ -244,11 +241,11 @@ def test_one_host_sync_per_round(k, loaded, monkeypatch):
     pair, _ = loaded("e2b")
     prompt = prompt_ids(window_of(pair), long=True)
     plain = run(plain_pair(pair), prompt, 30, 0)
-    inject_drafts(monkeypatch, plain, len(prompt), accept_rate=0.7)
     counter = CountingMx()
     monkeypatch.setattr(engine, "mx", counter)
     stats = Stats()
-    assert run(pair if k else plain_pair(pair), prompt, 30, k, stats=stats) == plain
+    inject = injection(plain, len(prompt), 0.7)
+    assert run(pair if k else plain_pair(pair), prompt, 30, k, stats=stats, draft_filter=inject) == plain
     # one eval for the prompt (short prompts need no intermediate prefill evals), then one per round
     assert counter.evals == 1 + stats.rounds
     assert stats.rounds > 5
@@ -261,7 +258,8 @@ def test_stream_generate_api(loaded, pair_dir, reference_pair, monkeypatch):
     pair, tokenizer = loaded("e4b")
     prompt = prompt_ids(window_of(pair), long=True)
     plain = run(plain_pair(pair), prompt, 24, 0)
-    inject_drafts(monkeypatch, plain, len(prompt), accept_rate=0.8)
+    inject = injection(plain, len(prompt), 0.8)
+    monkeypatch.setattr(api, "generate_tokens", partial(engine.generate_tokens, draft_filter=inject))
     responses = list(stream_generate(pair, tokenizer, prompt, max_tokens=24, num_draft_tokens=4))
     assert [r.token for r in responses] == plain
     assert any(r.from_draft for r in responses) and not responses[0].from_draft

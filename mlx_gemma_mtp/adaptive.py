@@ -1,0 +1,158 @@
+"""Adaptive draft length: choose K each round to maximize expected tokens per second.
+
+The decode loop asks `choose(max_k)` before every round and reports `observe(k, accepted, seconds)`
+after it. The controller keeps
+
+- per draft position i, decayed counts of "reached position i" and "accepted at position i"
+  (a conditional acceptance rate, smoothed by a Beta prior whose mean is the previous position's
+  estimate, so a position never tried looks like the one before it);
+- decayed least-squares sums for the round cost of drafting rounds, t(k) = a + b*k (k >= 1),
+  with a weak prior on the slope so a single observed K still gives a usable line;
+- a decayed mean of plain rounds (K = 0) for t(0); before any plain round, t(0) is the intercept a.
+
+It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
+E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is learnt about the
+drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: position 1 gates every
+other); the back-off doubles after each probe that does not switch drafting back on, and resets
+when one does. Pure Python and O(max_k^2) per round: no MLX calls, nothing to synchronize.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AdaptiveDraft:
+    max_k: int = 8
+    decay: float = 0.97  # per round: ~30 rounds of memory, so a drafter that stops paying is noticed
+    prior_mean: float = 0.5  # acceptance at position 1 before anything is observed
+    prior_strength: float = 1.0  # pseudo-rounds behind each position's prior
+    slope_prior: float = 0.1  # t(k) ~ t(0) * (1 + slope_prior * k) until two K values are observed
+    slope_prior_weight: float = 0.5
+    start_k: int = 3
+    first_backoff: int = 8
+    max_backoff: int = 256
+
+    reached: list = field(init=False)  # decayed count of rounds that drafted position i
+    accepted: list = field(init=False)  # ... and accepted it
+    rounds: int = field(default=0, init=False)
+    history: list = field(default_factory=list, init=False)  # chosen K per round, for reports
+
+    def __post_init__(self):
+        if self.max_k < 1:
+            raise ValueError("max_k must be at least 1")
+        self.reached = [0.0] * self.max_k
+        self.accepted = [0.0] * self.max_k
+        # cost fit over drafting rounds: decayed sums of w, k, k^2, t, k*t
+        self._sw = self._sk = self._skk = self._st = self._skt = 0.0
+        self._plain_w = self._plain_t = 0.0
+        self._off_rounds = 0  # plain rounds since K = 0 last won or a probe ran
+        self._backoff = self.first_backoff
+        self._probing = False
+
+    # --- estimates --------------------------------------------------------------------------
+
+    def acceptance(self) -> list:
+        """Estimated conditional acceptance of each position (given the ones before were accepted)."""
+        out, mean = [], self.prior_mean
+        for n, a in zip(self.reached, self.accepted):
+            mean = (a + self.prior_strength * mean) / (n + self.prior_strength)
+            out.append(mean)
+        return out
+
+    def expected_tokens(self, k: int, acceptance=None) -> float:
+        acceptance = self.acceptance() if acceptance is None else acceptance
+        total, run = 1.0, 1.0
+        for p in acceptance[:k]:
+            run *= p
+            total += run
+        return total
+
+    def cost_line(self):
+        """(a, b) of t(k) = a + b*k for drafting rounds, or None before any was observed."""
+        if self._sw <= 0:
+            return None
+        mean_k, mean_t = self._sk / self._sw, self._st / self._sw
+        # the slope's prior is relative to the line's own level: t(k) ~ a0 * (1 + c*k)
+        a0 = mean_t / (1 + self.slope_prior * mean_k)
+        b0 = self.slope_prior * a0
+        lam = self.slope_prior_weight * self._sw
+        var_k = self._skk - self._sk * mean_k
+        cov = self._skt - self._sk * mean_t
+        b = (cov + lam * b0) / (var_k + lam)
+        return mean_t - b * mean_k, b
+
+    def cost(self, k: int) -> float:
+        line = self.cost_line()
+        if k == 0:
+            if self._plain_w > 0:
+                return self._plain_t / self._plain_w
+            return line[0] if line else 1.0
+        if line is None:  # only plain rounds so far: assume the prior slope
+            t0 = self._plain_t / self._plain_w if self._plain_w > 0 else 1.0
+            return t0 * (1 + self.slope_prior * k)
+        a, b = line
+        return max(a + b * k, 1e-9)
+
+    def rates(self, max_k: int) -> list:
+        """Expected tokens per second for k = 0..max_k."""
+        acceptance = self.acceptance()
+        return [self.expected_tokens(k, acceptance) / self.cost(k) for k in range(max_k + 1)]
+
+    # --- the decode loop's interface --------------------------------------------------------
+
+    def choose(self, max_k: int) -> int:
+        """K for the next round (0 = plain), at most max_k."""
+        max_k = min(max_k, self.max_k)
+        if max_k <= 0:
+            return 0
+        if self._sw == 0 and self._plain_w == 0:
+            return self._pick(min(self.start_k, max_k))  # nothing measured yet
+        rates = self.rates(max_k)
+        best = max(range(max_k + 1), key=lambda k: rates[k])
+        if best > 0:
+            self._probing, self._backoff, self._off_rounds = False, self.first_backoff, 0
+            return self._pick(best)
+        if self._probing:  # the last probe did not switch drafting back on: wait longer
+            self._probing = False
+            self._backoff = min(2 * self._backoff, self.max_backoff)
+        self._off_rounds += 1
+        if self._off_rounds > self._backoff:
+            self._off_rounds, self._probing = 0, True
+            return self._pick(1)
+        return self._pick(0)
+
+    def _pick(self, k: int) -> int:
+        self.history.append(k)
+        return k
+
+    def observe(self, k: int, accepted: int, seconds: float) -> None:
+        """One finished round: K drafted, how many were accepted, its wall time.
+
+        Only drafting rounds age the acceptance counts and the drafting cost line, and only plain
+        rounds age t(0): a long plain stretch must not wash the evidence back to the prior (the
+        back-off schedule, not forgetting, decides when to try the drafter again)."""
+        self.rounds += 1
+        d = self.decay
+        timed = seconds is not None and seconds > 0
+        if k == 0:
+            if timed:
+                self._plain_w = self._plain_w * d + 1
+                self._plain_t = self._plain_t * d + seconds
+            return
+        self.reached = [n * d for n in self.reached]
+        self.accepted = [a * d for a in self.accepted]
+        for i in range(min(k, self.max_k)):
+            self.reached[i] += 1
+            if i >= accepted:
+                break  # later positions were not reached: they say nothing about acceptance
+            self.accepted[i] += 1
+        if timed:
+            self._sw, self._sk, self._skk = self._sw * d + 1, self._sk * d + k, self._skk * d + k * k
+            self._st, self._skt = self._st * d + seconds, self._skt * d + k * seconds
+
+
+def make_controller(spec, max_k: int = 8):
+    """`num_draft_tokens` as the API takes it: an int is fixed K, "adaptive" an AdaptiveDraft."""
+    if spec == "adaptive":
+        return AdaptiveDraft(max_k=max_k)
+    return spec

@@ -1,0 +1,86 @@
+"""The adaptive draft-length controller on simulated rounds (no model, no MLX)."""
+
+import random
+
+from mlx_gemma_mtp.adaptive import AdaptiveDraft
+
+
+def round_cost(k, plain=1.0, per_token=0.06, per_draft=0.02):
+    """A memory-bound round: verifying k + 1 tokens costs a little more than one, drafts are cheap."""
+    return plain if k == 0 else plain * (1 + per_token * (k + 1)) + per_draft * k
+
+
+def simulate(controller, acceptance, rounds, seed=0, cost=round_cost):
+    """Run `rounds` rounds; acceptance(round) -> conditional acceptance of every position."""
+    rng = random.Random(seed)
+    chosen = []
+    for r in range(rounds):
+        k = controller.choose(8)
+        accepted = 0
+        while accepted < k and rng.random() < acceptance(r):
+            accepted += 1
+        controller.observe(k, accepted, cost(k) * rng.uniform(0.98, 1.02))
+        chosen.append(k)
+    return chosen
+
+
+def test_switches_off_when_nothing_is_accepted():
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 0.0, 40)
+    assert chosen[10:].count(0) >= 25, chosen
+    assert c.choose(8) in (0, 1)
+
+
+def test_drafts_long_when_everything_is_accepted_and_drafts_are_cheap():
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 1.0, 30, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
+    assert chosen[-10:] == [8] * 10, chosen
+
+
+def test_picks_a_middle_k_when_drafts_are_expensive():
+    # each draft costs a third of a plain step: long blocks cannot pay at 0.7 acceptance
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 0.7, 200, cost=lambda k: round_cost(k, per_draft=0.33))
+    late = chosen[-50:]
+    assert 1 <= sorted(late)[len(late) // 2] <= 3, late
+
+
+def test_reprobes_with_growing_backoff_and_switches_back_on():
+    c = AdaptiveDraft(max_k=8, first_backoff=4)
+    # acceptance 0 for 150 rounds, then the drafter becomes perfect
+    chosen = simulate(c, lambda r: 0.0 if r < 150 else 1.0, 400)
+    off = chosen[20:150]
+    probes = [i for i, k in enumerate(off) if k > 0]
+    assert len(probes) >= 3, off  # it keeps trying while switched off ...
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0], gaps  # ... less and less often
+    assert chosen[-20:] == [8] * 20, chosen[150:]  # and drafts again once it pays
+
+
+def test_cost_line_fits_observed_rounds():
+    c = AdaptiveDraft(max_k=8)
+    for k in [1, 2, 4, 8, 3, 6] * 5:
+        c.observe(k, k, 0.5 + 0.05 * k)
+    a, b = c.cost_line()
+    assert abs(a - 0.5) < 0.01 and abs(b - 0.05) < 0.005
+    c.observe(0, 0, 0.45)
+    assert abs(c.cost(0) - 0.45) < 1e-9
+
+
+def test_expected_tokens_uses_conditional_acceptance():
+    c = AdaptiveDraft(max_k=4)
+    assert c.expected_tokens(3, [0.5, 0.5, 0.5]) == 1 + 0.5 + 0.25 + 0.125
+    assert c.expected_tokens(0) == 1.0
+
+
+def test_never_exceeds_the_room_it_is_given():
+    c = AdaptiveDraft(max_k=8)
+    simulate(c, lambda r: 1.0, 20, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
+    assert c.choose(3) <= 3 and c.choose(0) == 0
+
+
+def test_pure_python():
+    import mlx_gemma_mtp.adaptive as module
+
+    source = open(module.__file__).read()
+    assert "import mlx" not in source and "from mlx" not in source

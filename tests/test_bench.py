@@ -1,0 +1,113 @@
+"""`gemma-mtp bench` on tiny shapes: the report's contents and the injected acceptance."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_gemma_mtp import bench as b
+from mlx_gemma_mtp.cli import main
+
+TINY = b.Shape(hidden=64, heads=2, kv_heads=1, intermediate=128, sliding_per_full=2, window=16, real_layers=6,
+               kv_shared=2, per_layer_input=16, double_wide_mlp=True, draft_hidden=32, draft_intermediate=64,
+               centroid_head=True)
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    b.SHAPES["tiny"] = TINY
+    try:
+        yield b.random_pair("tiny", 6, VOCAB, seed=1), b.word_tokenizer(VOCAB)
+    finally:
+        del b.SHAPES["tiny"]
+
+
+def prompt(n=12, seed=0):
+    return [2] + np.random.default_rng(seed).integers(10, VOCAB, size=n - 1).tolist()
+
+
+def test_injected_draws_follow_the_profile():
+    profile = [0.9, 0.6, 0.3]
+    f = b.InjectedAcceptance(list(range(10, 5000)), 4, profile, VOCAB, seed=3)
+    keeps = np.array([f.keep(p, 5) for p in range(3000)])
+    # conditional acceptance: position j is accepted given every earlier one was
+    reached = np.ones(len(keeps), bool)
+    for j, expected in enumerate(profile + [0.3, 0.3]):  # the last value repeats
+        rate = keeps[reached, j].mean()
+        assert abs(rate - expected) < 0.05, (j, rate, expected)
+        reached &= keeps[:, j]
+    assert f.keep(42, 3) == f.keep(42, 5)[:3]  # the same draws at a position, whatever K
+
+
+def test_filter_replaces_drafts_and_keeps_the_drafter_in_the_graph():
+    f = b.InjectedAcceptance([7, 8, 9, 10, 11], prompt_len=3, profile=[1.0, 0.0], vocab=VOCAB)
+    drafts = mx.array([[8, 9, 5]], mx.int32)  # the drafter happened to guess position 1 and 2 right
+    out = f(drafts, position=3).tolist()[0]  # drafts for positions 4, 5, 6 -> continuation[1:4]
+    assert out[0] == 8  # accepted: the target's token
+    assert out[1] != 9 and out[2] != 10  # rejected: never the right token
+
+
+def test_injection_gives_the_acceptance_in_a_real_run(tiny_pair):
+    pair, _ = tiny_pair
+    p = prompt()
+    plain = b.run_ours(pair, p, 40, 0).tokens
+    for profile, tokens_per_round in (([1.0], 4.0), ([0.0], 1.0)):
+        f = b.InjectedAcceptance(plain + [0] * 10, len(p), profile, VOCAB)
+        run = b.run_ours(pair, p, 40, 3, f)
+        assert run.tokens == plain  # greedy output is the target's whatever the drafts
+        assert abs(run.stats.tokens_per_round - tokens_per_round) < 0.15
+
+
+def test_report_has_the_required_keys(tiny_pair):
+    pair, tokenizer = tiny_pair
+    tokenizer.eos_token_ids = set()
+    opts = b.BenchOptions(tokens=10, repeats=1, ks=[1, 2], inject=[0.8, 0.5], step_repeats=1)
+    report = b.report_dict({"model": "tiny", **b.bench(pair, tokenizer, [prompt()], opts, log=lambda m: None)})
+    json.dumps(report)
+    for key in ("mlx_lm_tokens_per_second", "plain_tokens_per_second", "acceptance_injected", "mtp"):
+        assert key in report
+    assert [e["num_draft_tokens"] for e in report["mtp"]] == [1, 2, "adaptive"]
+    for e in report["mtp"]:
+        for key in ("tokens_per_second", "speedup", "measured_over_ideal", "acceptance_per_position",
+                    "acceptance_injected", "peak_memory_bytes", "cost_split", "ttft_seconds"):
+            assert key in e, key
+        assert e["acceptance_injected"] is True
+        assert e["matches_plain"] is True
+        assert e["speedup"] > 0 and e["peak_memory_bytes"] > 0
+    assert "ACCEPTANCE INJECTED" in b.format_report(report)
+
+
+def test_cli_writes_json_on_a_real_shape(tmp_path, monkeypatch):
+    monkeypatch.setenv(b.REEXEC_MARK, "1")  # never re-exec the test process
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shape", "e2b", "--layers", "3", "--vocab", "512", "--tokens", "5", "--repeats", "1",
+            "--ks", "1,2", "--no-adaptive", "--json", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["acceptance_injected"] is False
+    assert [e["num_draft_tokens"] for e in report["mtp"]] == [1, 2]
+    assert report["mlx_lm_tokens_per_second"] > 0 and report["plain_tokens_per_second"] > 0
+
+
+def test_cli_rejects_bad_arguments():
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench"])
+    assert result.exit_code != 0
+    result = runner.invoke(main, ["bench", "--shape", "e2b", "--inject-acceptance", "1.5"])
+    assert result.exit_code != 0
+
+
+def test_real_shapes_build_valid_configs():
+    from mlx_gemma_mtp.drafter import DrafterArgs
+
+    for name, shape in b.SHAPES.items():
+        args = b.target_args(shape, 6, 4096, experts=4)
+        first_shared = args.num_hidden_layers - args.num_kv_shared_layers
+        assert {"sliding_attention", "full_attention"} <= set(args.layer_types[:first_shared]), name
+        draft = DrafterArgs.from_dict(b.drafter_config(shape, 4096))
+        assert draft.backbone_hidden_size == shape.hidden
+        assert draft.use_ordered_embeddings == shape.centroid_head
