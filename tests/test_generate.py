@@ -289,3 +289,33 @@ def test_string_prompt_and_plain_path(loaded):
     text = "".join(r.text for r in stream_generate(pair, tokenizer, "def f(x):", max_tokens=12, num_draft_tokens=0))
     again = "".join(r.text for r in stream_generate(pair, tokenizer, "def f(x):", max_tokens=12, num_draft_tokens=3))
     assert text == again and len(text) > 0
+
+
+# --- prompt cache reuse ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_prompt_cache_reuses_the_conversation(loaded, k):
+    pair, _ = loaded("e4b")
+    window = window_of(pair)
+    first = prompt_ids(window, long=True, seed=3)  # past the sliding window already
+    cache = engine.make_prompt_cache(pair)
+    reply = run_cached(pair, first, 2 * window, k, cache)
+    assert cache.tokens == first + reply[:-1]
+
+    follow_up = first + reply + [120, 121, 122]
+    stats = Stats()
+    assert run_cached(pair, follow_up, 20, k, cache, stats) == run(pair, follow_up, 20, k)
+    assert stats.reused_prompt_tokens == len(first) + len(reply) - 1
+    assert stats.prompt_tokens == 4
+
+    # a conversation that shares only its first tokens: the cache cannot roll back that far, so it
+    # starts over, and the text is still exactly what a fresh cache gives
+    other = first[:5] + [130, 131, 132]
+    stats = Stats()
+    assert run_cached(pair, other, 20, k, cache, stats) == run(pair, other, 20, k)
+    assert stats.reused_prompt_tokens in (0, 5)
+
+
+def run_cached(pair, prompt, max_tokens, k, cache, stats=None):
+    return [t for t, _ in generate_tokens(pair, prompt, max_tokens, k, (), stats, prompt_cache=cache)]
