@@ -210,7 +210,7 @@ def details(stats, finish_reason):
 
 def report(last, drafting, verbose):
     if last is None or last.stats is None:
-        click.echo("no tokens generated", err=True)
+        click.echo("no finished reply yet", err=True)
         return
     for line in summary(last.stats, drafting):
         click.echo(line, err=True)
@@ -243,7 +243,7 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
 
     tally = Tally(time.perf_counter())
     try:
-        _, last = stream(pair, tokenizer, ids, tally, max_tokens=max_tokens,
+        reply, last = stream(pair, tokenizer, ids, tally, max_tokens=max_tokens,
                          num_draft_tokens=draft_tokens(pair, num_draft_tokens),
                          **sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed))
     except KeyboardInterrupt:
@@ -251,8 +251,9 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
         sys.stdout.flush()
         click.echo(tally.line(), err=True)
         sys.exit(INTERRUPTED)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if not reply.endswith("\n"):
+        sys.stdout.write("\n")  # end the line for the shell, not a second one
+        sys.stdout.flush()
     report(last, drafting, verbose)
 
 
@@ -267,6 +268,8 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
     from mlx_gemma_mtp import make_prompt_cache
 
     pair, tokenizer = load_model(model, draft_model, no_draft)
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise MTPError("the model's tokenizer has no chat template, which chat needs")
     k = draft_tokens(pair, num_draft_tokens)
     sampling = sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
     interactive = sys.stdin.isatty()
@@ -305,14 +308,14 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
             reply, last = stream(pair, tokenizer, ids, tally, max_tokens=budget, num_draft_tokens=k,
                                  prompt_cache=cache, **sampling)
         except KeyboardInterrupt:
-            # an interrupted round may leave unverified drafts in the cache: start a fresh one,
-            # and drop the unfinished turn so the conversation stays what the model has seen
+            # the interrupt may have landed while the API was settling the cache: start a fresh
+            # one, and drop the unfinished turn so the conversation stays what the model has seen
             cache = make_prompt_cache(pair)
             sys.stdout.write("\n")
             sys.stdout.flush()
             click.echo(tally.line(), err=True)
             continue
-        sys.stdout.write("\n")
+        sys.stdout.write("\n")  # each reply ends with a line break, so piped replies stay apart
         sys.stdout.flush()
         messages = turn + [{"role": "assistant", "content": reply}]
         if verbose and last is not None and last.stats is not None:

@@ -242,7 +242,7 @@ def generate_tokens(
     emitted = []
     mx.reset_peak_memory()
 
-    if sampling.sampler is not None:
+    if sampling.sampler is not None and sampling.seed is not None:
         mx.random.seed(sampling.seed)  # custom samplers draw from MLX's global generator
     start = time.perf_counter()
     reused = reuse_prompt_cache(pair, prompt_cache, prompt)

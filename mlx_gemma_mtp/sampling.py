@@ -44,7 +44,7 @@ class Sampling:
             raise MTPError(f"top_k must be a whole number >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise MTPError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is None:
+        if self.seed is None and not self.greedy:
             # from MLX's global generator, so mx.random.seed() still governs unseeded runs
             self.seed = mx.random.randint(0, 2**31 - 1).item()
 
