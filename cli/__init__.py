@@ -31,6 +31,9 @@ class Main(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

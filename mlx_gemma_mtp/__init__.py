@@ -2,7 +2,16 @@
 
 __version__ = "0.1.0"
 
-from .api import Response, generate, load, stream_generate  # noqa: E402
-from .decode import Pair, PromptCache, Stats, make_prompt_cache  # noqa: E402
-
 __all__ = ["load", "generate", "stream_generate", "make_prompt_cache", "Response", "Pair", "PromptCache", "Stats"]
+
+_HOMES = {"load": "api", "generate": "api", "stream_generate": "api", "Response": "api"}
+
+
+def __getattr__(name):
+    # Imported on first use, so `gemma-mtp --help` and the converter do not pay for mlx-lm's
+    # tokenizer stack (transformers) before they need it.
+    if name not in __all__:
+        raise AttributeError(f"module 'mlx_gemma_mtp' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_HOMES.get(name, 'decode')}", __name__), name)
