@@ -340,6 +340,17 @@ def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3) -> Step
     return StepCosts(plain, verify_times, draft_times)
 
 
+def median_steps(runs: list) -> StepCosts:
+    def med(values):
+        return statistics.median(values)
+
+    return StepCosts(
+        med([r.plain for r in runs]),
+        {k: med([r.verify[k] for r in runs]) for k in runs[0].verify},
+        {k: med([r.draft[k] for r in runs]) for k in runs[0].draft},
+    )
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 
 
@@ -442,27 +453,31 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
     def policy(k):
         return AdaptiveDraft(max_k=max_k) if k == "adaptive" else k
 
-    log("timing draft-only and verify-only graphs ...")
     # every K up to the largest: the adaptive policy and the last rounds of a run use them too
-    steps = measure_steps(
-        pair, prompts[0] + continuations[0][: opts.tokens // 2], list(range(1, max_k + 1)), opts.step_repeats
-    )
+    context = prompts[0] + continuations[0][: opts.tokens // 2]
+    step_runs = []
+
+    def time_steps():
+        # timed once per repeat, between the runs, so a busy machine skews parts and runs alike
+        step_runs.append(measure_steps(pair, context, list(range(1, max_k + 1)), opts.step_repeats))
 
     # warm-up: one short run of each setting
     for k in settings:
-        run_ours(pair, prompts[0], min(8, opts.tokens), policy(k), filters[0])
+        run_ours(pair, prompts[0], min(4, opts.tokens), policy(k), filters[0])
     if opts.mlx_lm:
-        run_mlx_lm(pair, tokenizer, prompts[0], min(8, opts.tokens))
+        run_mlx_lm(pair, tokenizer, prompts[0], min(4, opts.tokens))
 
     runs = {k: [] for k in settings}
     runs["mlx_lm"] = []
     for rep in range(opts.repeats):
+        time_steps()
         for k in settings:
             runs[k].append([run_ours(pair, p, opts.tokens, policy(k), f) for p, f in zip(prompts, filters)])
         if opts.mlx_lm:
             runs["mlx_lm"].append([run_mlx_lm(pair, tokenizer, p, opts.tokens) for p in prompts])
         log(f"repeat {rep + 1}/{opts.repeats}: plain {summarize(runs[0][-1:])['tokens_per_second']:.2f} tok/s")
 
+    steps = median_steps(step_runs)
     plain = summarize(runs[0])
     drafter_bytes = weight_bytes(pair.drafter)
     report = {
