@@ -49,7 +49,7 @@ def model_options(f):
                      help="A converted pair folder, or a target: mlx-lm/HF folder or hub repo id."),
         click.option("--draft-model", metavar="PATH|REPO", help="The MTP drafter (default: the pair's own)."),
         click.option("--no-draft", is_flag=True, help="Load no drafter: plain decoding."),
-        click.option("--num-draft-tokens", type=DraftTokens(), default="4", show_default=True,
+        click.option("--num-draft-tokens", type=DraftTokens(), default="adaptive", show_default=True,
                      help="Tokens drafted per round, or 'adaptive'."),
         click.option("--system", metavar="TEXT", help="A system message."),
         click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,

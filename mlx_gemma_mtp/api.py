@@ -10,6 +10,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.sample_utils import make_repetition_penalty
 from mlx_lm.utils import load_model, load_tokenizer
 
+from .adaptive import AdaptiveDraft
 from .config import normalize_draft_config, normalize_target_config, validate_pair
 from .convert.sources import resolve_source
 from .drafter import load_drafter
@@ -93,11 +94,12 @@ def _prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt: Union[str, list
     return ids
 
 
-def _draft_policy(num_draft_tokens):
+def _draft_policy(pair: Pair, num_draft_tokens):
     if num_draft_tokens == "adaptive":
-        from .adaptive import AdaptiveDraft
-
-        return AdaptiveDraft(max_k=8)
+        # one controller per pair: what it learnt of costs and acceptance carries over between calls
+        if pair.adaptive is None:
+            pair.adaptive = AdaptiveDraft(max_k=8)
+        return pair.adaptive
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
         raise MTPError(f"num_draft_tokens must be a whole number or 'adaptive', got {num_draft_tokens!r}")
     check_draft_tokens(num_draft_tokens)
@@ -109,7 +111,7 @@ def stream_generate(
     tokenizer: TokenizerWrapper,
     prompt: Union[str, list],
     max_tokens: int = 256,
-    num_draft_tokens: Union[int, str] = 4,
+    num_draft_tokens: Union[int, str] = "adaptive",
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -132,7 +134,7 @@ def stream_generate(
     """
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise MTPError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-    policy = _draft_policy(num_draft_tokens)
+    policy = _draft_policy(pair, num_draft_tokens)
     processors = list(logits_processors or [])
     if repetition_penalty is not None:
         if not repetition_penalty > 0:

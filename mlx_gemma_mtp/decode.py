@@ -28,6 +28,7 @@ CACHE_SLACK = 2 * MAX_DRAFT_TOKENS + 4
 class Pair:
     target: nn.Module  # mlx-lm Gemma 4 model
     drafter: Optional[Drafter] = None
+    adaptive: Optional[object] = field(default=None, repr=False)  # the API's adaptive draft policy
 
     def __post_init__(self):
         self.view: TargetView = target_view(self.target)

@@ -73,7 +73,7 @@ def commands(pair, tmp, reference_pair):
     """name -> (args, stdin text) of every run the tests below read."""
     gen = ("generate", "--model", pair)
     sampled = (*gen, "--prompt", LONG, "--max-tokens", 12, "--temp", 0.8, "--top-p", 0.9, "--top-k", 50,
-               "--min-p", 0.05, "--repetition-penalty", 1.1, "--seed", 7)
+               "--min-p", 0.05, "--repetition-penalty", 1.1, "--seed", 7, "--num-draft-tokens", 2)  # repeatable at a fixed K
     runs = {
         "verbose": ((*gen, "--prompt", LONG, "--max-tokens", 7, "--verbose", "--num-draft-tokens", 3), None),
         "plain": ((*gen, "--prompt", LONG, "--max-tokens", 7, "--verbose", "--no-draft"), None),
