@@ -61,7 +61,7 @@ def test_injection_gives_the_acceptance_in_a_real_run(tiny_pair):
         assert abs(run.stats.tokens_per_round - tokens_per_round) < 0.15
 
 
-def test_report_has_the_required_keys(tiny_pair):
+def test_report_has_the_required_keys_and_plots(tiny_pair, tmp_path):
     pair, tokenizer = tiny_pair
     tokenizer.eos_token_ids = set()
     opts = b.BenchOptions(tokens=10, repeats=1, ks=[1, 2], inject=[0.8, 0.5], step_repeats=1)
@@ -78,6 +78,10 @@ def test_report_has_the_required_keys(tiny_pair):
         assert e["matches_plain"] is True
         assert e["speedup"] > 0 and e["peak_memory_bytes"] > 0
     assert "ACCEPTANCE INJECTED" in b.format_report(report)
+
+    path = tmp_path / "bench.png"
+    b.plot(report, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
 def test_cli_writes_json_on_a_real_shape(tmp_path, monkeypatch):
