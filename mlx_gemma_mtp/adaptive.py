@@ -29,6 +29,7 @@ class AdaptiveDraft:
     slope_prior: float = 0.1  # t(k) ~ t(0) * (1 + slope_prior * k) until two K values are observed
     slope_prior_weight: float = 0.5
     start_k: int = 3
+    switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
     first_backoff: int = 8
     max_backoff: int = 256
 
@@ -109,6 +110,11 @@ class AdaptiveDraft:
             return self._pick(min(self.start_k, max_k))  # nothing measured yet
         rates = self.rates(max_k)
         best = max(range(max_k + 1), key=lambda k: rates[k])
+        # Round times are noisy: keep the current K unless another is clearly better, so the
+        # choice does not wander between near-equal settings.
+        current = self.history[-1] if self.history else None
+        if current is not None and 0 < current <= max_k and rates[best] < rates[current] * (1 + self.switch_margin):
+            best = current
         if best > 0:
             self._probing, self._backoff, self._off_rounds = False, self.first_backoff, 0
             return self._pick(best)
