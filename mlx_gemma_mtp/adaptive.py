@@ -29,6 +29,7 @@ class AdaptiveDraft:
     slope_prior: float = 0.1  # t(k) ~ t(0) * (1 + slope_prior * k) until two K values are observed
     slope_prior_weight: float = 0.5
     start_k: int = 3
+    explore_every: int = 16  # drafting rounds between measurements of a neighbouring K
     switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
     first_backoff: int = 8
     max_backoff: int = 256
@@ -49,6 +50,9 @@ class AdaptiveDraft:
         self._off_rounds = 0  # plain rounds since K = 0 last won or a probe ran
         self._backoff = self.first_backoff
         self._probing = False
+        self._k_w, self._k_t = {}, {}  # per drafting K: decayed round count and total seconds
+        self._since_explore = 0
+        self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
 
     # --- estimates --------------------------------------------------------------------------
 
@@ -83,6 +87,10 @@ class AdaptiveDraft:
         return mean_t - b * mean_k, b
 
     def cost(self, k: int) -> float:
+        # a K tried often enough is judged by its own measured rounds: real round costs are not
+        # linear in K (matmul blocking, cache effects); the line covers the untried ones
+        if k > 0 and self._k_w.get(k, 0.0) >= 2:
+            return self._k_t[k] / self._k_w[k]
         line = self.cost_line()
         if k == 0:
             if self._plain_w > 0:
@@ -112,18 +120,27 @@ class AdaptiveDraft:
         best = max(range(max_k + 1), key=lambda k: rates[k])
         # Round times are noisy: keep the current K unless another is clearly better, so the
         # choice does not wander between near-equal settings.
-        current = self.history[-1] if self.history else None
-        if current is not None and 0 < current <= max_k and rates[best] < rates[current] * (1 + self.switch_margin):
+        current = self._current
+        if 0 < current <= max_k and rates[best] < rates[current] * (1 + self.switch_margin):
             best = current
+        self._current = best
         if best > 0:
             self._probing, self._backoff, self._off_rounds = False, self.first_backoff, 0
+            self._since_explore += 1
+            if self._since_explore >= self.explore_every:
+                # now and then measure a neighbour, so the per-K costs stay current
+                self._since_explore = 0
+                neighbour = best + (1 if self.rounds // self.explore_every % 2 else -1)
+                if 1 <= neighbour <= max_k:
+                    return self._pick(neighbour)
             return self._pick(best)
         if self._probing:  # the last probe did not switch drafting back on: wait longer
             self._probing = False
             self._backoff = min(2 * self._backoff, self.max_backoff)
         self._off_rounds += 1
         if self._off_rounds > self._backoff:
-            self._off_rounds, self._probing = 0, True
+            # a probe: drafting stays on while it is not clearly worse than plain decoding
+            self._off_rounds, self._probing, self._current = 0, True, 1
             return self._pick(1)
         return self._pick(0)
 
@@ -155,6 +172,8 @@ class AdaptiveDraft:
         if timed:
             self._sw, self._sk, self._skk = self._sw * d + 1, self._sk * d + k, self._skk * d + k * k
             self._st, self._skt = self._st * d + seconds, self._skt * d + k * seconds
+            self._k_w[k] = self._k_w.get(k, 0.0) * d + 1
+            self._k_t[k] = self._k_t.get(k, 0.0) * d + seconds
 
 
 def make_controller(spec, max_k: int = 8):

@@ -34,7 +34,7 @@ def test_switches_off_when_nothing_is_accepted():
 def test_drafts_long_when_everything_is_accepted_and_drafts_are_cheap():
     c = AdaptiveDraft(max_k=8)
     chosen = simulate(c, lambda r: 1.0, 30, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
-    assert chosen[-10:] == [8] * 10, chosen
+    assert chosen[-10:].count(8) >= 9 and min(chosen[-10:]) >= 7, chosen  # 7: measuring a neighbour
 
 
 def test_picks_a_middle_k_when_drafts_are_expensive():
@@ -54,7 +54,8 @@ def test_reprobes_with_growing_backoff_and_switches_back_on():
     assert len(probes) >= 3, off  # it keeps trying while switched off ...
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0], gaps  # ... less and less often
-    assert chosen[-20:] == [8] * 20, chosen[150:]  # and drafts again once it pays
+    late = chosen[-20:]
+    assert late.count(8) >= 18 and min(late) >= 7, chosen[150:]  # and drafts again once it pays
 
 
 def test_cost_line_fits_observed_rounds():
@@ -84,3 +85,15 @@ def test_pure_python():
 
     source = open(module.__file__).read()
     assert "import mlx" not in source and "from mlx" not in source
+
+
+def test_measured_costs_beat_the_line_when_rounds_are_not_linear():
+    # verifying 8 + 1 tokens suddenly costs much more (as matmul blocking does on a CPU):
+    # the line through K = 1..8 would favour 8, the measured rounds show 7 is faster
+    def cost(k):
+        return 1.0 if k == 0 else 1.0 + 0.03 * k + (0.6 if k == 8 else 0.0)
+
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 0.95, 300, cost=cost)
+    late = chosen[-100:]
+    assert late.count(7) > 80 and late.count(8) < 10, late
