@@ -450,8 +450,12 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
         for i, (p, c) in enumerate(zip(prompts, continuations))
     ]
 
+    # one controller for every adaptive run, as the API keeps one per loaded pair: the repeats
+    # measure it after what it learnt in the earlier runs (the warm-up included)
+    adaptive = AdaptiveDraft(max_k=max_k)
+
     def policy(k):
-        return AdaptiveDraft(max_k=max_k) if k == "adaptive" else k
+        return adaptive if k == "adaptive" else k
 
     # every K up to the largest: the adaptive policy and the last rounds of a run use them too
     context = prompts[0] + continuations[0][: opts.tokens // 2]
