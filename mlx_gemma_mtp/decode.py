@@ -257,9 +257,9 @@ def generate_tokens(
     stats.prompt_seconds = time.perf_counter() - start
     start = last_read = time.perf_counter()
 
-    def next_k():
-        # never draft past max_tokens: a round emits at most k + 1 tokens
-        room = min(MAX_DRAFT_TOKENS, max_tokens - len(emitted) - 1)
+    def next_k(emitted_count: int) -> int:
+        # asked once per round; never draft past max_tokens: a round emits at most k + 1 tokens
+        room = min(MAX_DRAFT_TOKENS, max_tokens - emitted_count - 1)
         return max(0, policy.choose(room)) if can_draft and room > 0 else 0
 
     def extend(history, tokens):
@@ -272,12 +272,14 @@ def generate_tokens(
         if first in eos_ids or len(emitted) >= max_tokens:
             return
         history = extend(history, token[0])
-        pending = build_round(pair, token, hidden, cache, next_k(), sampling, history, draft_filter)
+        pending = build_round(pair, token, hidden, cache, next_k(len(emitted)), sampling, history, draft_filter)
         mx.async_eval(pending.tokens, pending.accepted, pending.drafts)
         queued = None
         while True:
             rnd = pending
-            if rnd.k == 0 and next_k() == 0 and len(emitted) + 1 < max_tokens:
+            # a plain round emits exactly one token, so the next K can be chosen before reading it
+            k = next_k(len(emitted) + 1) if rnd.k == 0 else None
+            if k == 0 and len(emitted) + 1 < max_tokens:
                 # plain decoding: nothing to roll back, so queue the next round before reading this one
                 queued = build_round(
                     pair, rnd.tokens, rnd.hidden, cache, 0, sampling, extend(history, rnd.tokens[0]), draft_filter
@@ -302,8 +304,9 @@ def generate_tokens(
                 pending, queued = queued, None
             else:
                 last = slice(accepted, accepted + 1)
+                k = next_k(len(emitted)) if k is None else k
                 pending = build_round(
-                    pair, rnd.tokens[:, last], rnd.hidden[:, last], cache, next_k(), sampling, history, draft_filter
+                    pair, rnd.tokens[:, last], rnd.hidden[:, last], cache, k, sampling, history, draft_filter
                 )
                 mx.async_eval(pending.tokens, pending.accepted, pending.drafts)
     finally:

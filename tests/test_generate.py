@@ -319,3 +319,30 @@ def test_prompt_cache_reuses_the_conversation(loaded, k):
 
 def run_cached(pair, prompt, max_tokens, k, cache, stats=None):
     return [t for t, _ in generate_tokens(pair, prompt, max_tokens, k, (), stats, prompt_cache=cache)]
+
+
+class RecordingPolicy:
+    """Draft K from a script; records every choose() call."""
+
+    def __init__(self, script):
+        self.script, self.asked, self.observed = list(script), 0, []
+
+    def choose(self, max_k):
+        self.asked += 1
+        return min(self.script.pop(0) if self.script else 0, max_k)
+
+    def observe(self, k, accepted, seconds):
+        self.observed.append(k)
+
+
+def test_policy_is_asked_once_per_round_and_its_k_is_used(loaded):
+    pair, _ = loaded("31b")
+    prompt = prompt_ids(window_of(pair), long=False)
+    plain = run(plain_pair(pair), prompt, 40, 0)
+    script = [0, 0, 3, 0, 0, 0, 1, 0, 2, 2, 0]  # probes in the middle of plain stretches
+    policy = RecordingPolicy(script)
+    stats = Stats()
+    assert run(pair, prompt, 40, policy, stats=stats, draft_filter=injection(plain, len(prompt), 0.5)) == plain
+    assert policy.observed[: len(script)] == script  # every chosen K ran, in order
+    # asked once per round, except the last, where max_tokens leaves no room to draft
+    assert policy.asked == stats.rounds - 1 and len(policy.observed) == stats.rounds
