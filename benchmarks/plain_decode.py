@@ -1,7 +1,7 @@
 """Plain decoding: our engine (num_draft_tokens=0) against mlx_lm.stream_generate, same model.
 
 A random float32 Gemma 4 text model with E2B's per-layer shapes (fewer layers, smaller vocabulary
-so it fits a small machine), runs interleaved in one process; decode speed is timed the same way
+so it fits a small machine; `gemma-mtp bench --shape e2b` builds the same), runs interleaved in one process; decode speed is timed the same way
 for both, from the first generated token to the last. On Linux, preload OpenBLAS (see
 shared/design/measuring.md): LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0
 
@@ -11,55 +11,14 @@ shared/design/measuring.md): LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm import stream_generate as mlx_lm_stream_generate
-from mlx_lm.models import gemma4_text
-from mlx_lm.utils import load_tokenizer
 
 from mlx_gemma_mtp import Pair, stream_generate
-
-
-def random_e2b_like(layers: int, vocab: int) -> gemma4_text.Model:
-    # E2B's layers are 4 sliding + 1 full; with few layers, 2 + 1 keeps a full producer layer
-    # before the KV-shared ones.
-    pattern = ["sliding_attention"] * 2 + ["full_attention"]
-    args = gemma4_text.ModelArgs(
-        hidden_size=1536,
-        num_hidden_layers=layers,
-        intermediate_size=6144,
-        num_attention_heads=8,
-        head_dim=256,
-        global_head_dim=512,
-        num_key_value_heads=1,
-        num_kv_shared_layers=layers // 3,
-        hidden_size_per_layer_input=256,
-        vocab_size=vocab,
-        vocab_size_per_layer_input=vocab,
-        sliding_window=512,
-        layer_types=(pattern * layers)[:layers],
-        use_double_wide_mlp=True,
-    )
-    mx.random.seed(0)
-    model = gemma4_text.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
-def word_tokenizer(vocab: int):
-    """A word-level tokenizer over the model's vocabulary (ids 0..2 are pad, eos, bos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder = Path(tempfile.mkdtemp())
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "w0", "eos_token": "w1", "bos_token": "w2"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return load_tokenizer(folder)
+from mlx_gemma_mtp.bench import random_pair, word_tokenizer
 
 
 def decode_rate(responses) -> tuple[float, list]:
@@ -82,7 +41,7 @@ def main():
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
-    model = random_e2b_like(args.layers, args.vocab)
+    model = random_pair("e2b", args.layers, args.vocab).target
     tokenizer = word_tokenizer(args.vocab)
     tokenizer.eos_token_ids = []  # decode the full length in both
     prompt = [2] + list(range(10, 10 + args.prompt_tokens - 1))
