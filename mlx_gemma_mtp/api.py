@@ -42,6 +42,16 @@ def _pair_folders(path: str, draft_path: Optional[str]) -> tuple[Path, Optional[
     return target, draft
 
 
+def target_folder(path: str) -> Path:
+    """The target's folder inside a pair folder, or the folder itself."""
+    return _pair_folders(path, None)[0]
+
+
+def check_pair(target_config: dict, draft_config: dict) -> None:
+    """MTPError unless the drafter (raw config) fits the target (raw config)."""
+    validate_pair(normalize_target_config(target_config), normalize_draft_config(draft_config))
+
+
 def load(path: str, draft_path: Optional[str] = None) -> tuple[Pair, TokenizerWrapper]:
     """Load a converted pair folder, or a target (mlx-lm or Hugging Face folder, or hub id) and
     optionally its drafter. Without a drafter, generation is plain decoding."""

@@ -86,8 +86,10 @@ def normalize_text_config(text: dict, unified: bool, role: str) -> dict:
     elif len(out["layer_types"]) != n:
         raise MTPError(f"{role}: layer_types lists {len(out['layer_types'])} layers, config says {n}")
 
+    # Newer transformers lists only the overrides that differ from head_dim/num_key_value_heads,
+    # so an empty per_layer_config means full layers have the sliding layers' shape (not 512).
     per_layer = out.pop("per_layer_config", None)
-    if per_layer:
+    if per_layer is not None:
         _apply_per_layer_config(out, per_layer, role)
     return out
 

@@ -193,8 +193,13 @@ class Drafter(nn.Module):
         attention_mask: optional [B, T_full] padding mask (nonzero = attend), as in the reference.
         Returns (h, projected): h = norm(x) for the LM head, projected = post_projection(h).
         """
+        kv, masks = self._visible(shared_kv, token_embedding.shape[1], attention_mask)
+        return self.step(token_embedding, hidden, kv, masks, position)
+
+    def step(self, token_embedding, hidden, kv: SharedKV, masks: dict, position) -> Tuple[mx.array, mx.array]:
+        """The draft step on K/V already cut to what the queries see (`masks` per layer type,
+        None or boolean). Inference and training (`train.py`) both run through here."""
         x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
-        kv, masks = self._visible(shared_kv, x.shape[1], attention_mask)
         for layer in self.model.layers:
             kind = layer.layer_type
             x, _, _ = layer(x, masks[kind], None, shared_kv=kv[kind], offset=position)

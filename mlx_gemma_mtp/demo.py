@@ -1,0 +1,70 @@
+"""The offline demo pair: where it lives and the text it was trained on.
+
+The demo target and its drafter were trained on the Python standard library's own source, which
+every machine with Python has. Files are split into training and held-out sets by a hash of
+their path inside the library, so the split is the same on every machine; prompts and acceptance
+figures use held-out files only.
+"""
+
+import sysconfig
+import zlib
+from pathlib import Path
+
+PAIR_DIR = Path(__file__).parent / "demo_pair"
+HELD_OUT_EVERY = 20  # one file in 20 is never trained on
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """Every .py file of the standard library (no site-packages), sorted by relative path."""
+    root = stdlib_dir()
+    files = [
+        p for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_held_out(path: Path) -> bool:
+    rel = path.relative_to(stdlib_dir()).as_posix()
+    return zlib.crc32(rel.encode()) % HELD_OUT_EVERY == 0
+
+
+def split_files() -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files)."""
+    files = stdlib_files()
+    held = [p for p in files if is_held_out(p)]
+    return [p for p in files if not is_held_out(p)], held
+
+
+def read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def held_out_prompts(count: int, min_chars: int = 2000, prompt_lines: int = 12) -> list[str]:
+    """Prompts cut from held-out files: the first `prompt_lines` lines of a top-level function.
+
+    Deterministic: the same files in the same order on every run.
+    """
+    _, held = split_files()
+    prompts = []
+    for path in held:
+        text = read_text(path)
+        if len(text) < min_chars:
+            continue
+        lines = text.splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith(("def ", "class "))]
+        if not starts:
+            continue
+        start = starts[len(starts) // 2]
+        prompts.append("\n".join(lines[start : start + prompt_lines]) + "\n")
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def demo_available() -> bool:
+    return (PAIR_DIR / "mtp.json").is_file()
