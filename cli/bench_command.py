@@ -34,6 +34,9 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 
 @main.command()
 @click.option("--model", "model_path", metavar="PATH", help="A converted pair folder (target + drafter).")
+@click.option("--demo", is_flag=True, help="The bundled demo pair on held-out standard-library prompts (real acceptance).")
+@click.option("--held-out-prompts", type=click.IntRange(min=1), metavar="N",
+              help="Use N prompts cut from standard-library files the demo pair never saw (default 8 with --demo).")
 @click.option("--shape", type=click.Choice(SHAPE_NAMES), help="Build a random float32 pair with this variant's shapes.")
 @click.option("--layers", type=int, default=6, show_default=True, help="Target layers for --shape.")
 @click.option("--vocab", type=int, default=32768, show_default=True, help="Vocabulary for --shape.")
@@ -50,17 +53,21 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw speedup and acceptance (matplotlib).")
-def bench(model_path, shape, layers, vocab, experts, tokens, prompts, prompt_tokens, num_prompts, repeats, ks,
+def bench(model_path, demo, held_out_prompts, shape, layers, vocab, experts, tokens, prompts, prompt_tokens, num_prompts, repeats, ks,
           no_adaptive, no_mlx_lm, inject_acceptance, seed, json_path, plot_path):
     """Benchmark mlx-lm, plain and MTP decoding (K = 1..8 and adaptive) on the same pair.
 
     Speeds on machines without Apple Silicon are only meaningful as ratios (see the README)."""
     from mlx_gemma_mtp import bench as b
 
-    if (model_path is None) == (shape is None):
-        raise click.UsageError("give exactly one of --model PATH or --shape NAME")
-    if prompts and shape:
+    if sum((model_path is not None, shape is not None, demo)) != 1:
+        raise click.UsageError("give exactly one of --model PATH, --demo or --shape NAME")
+    if (prompts or held_out_prompts) and shape:
         raise click.UsageError("--prompt is for --model; --shape uses random prompts (--prompt-tokens)")
+    if prompts and held_out_prompts:
+        raise click.UsageError("--prompt and --held-out-prompts contradict each other")
+    if demo and not prompts and not held_out_prompts:
+        held_out_prompts = 8
     if tokens < 2 or repeats < 1:
         raise click.UsageError("--tokens must be at least 2 and --repeats at least 1")
     if plot_path:  # fail before the long run, not after it
@@ -89,13 +96,17 @@ def bench(model_path, shape, layers, vocab, experts, tokens, prompts, prompt_tok
         if experts:
             description += f", {experts} experts"
     else:
+        from mlx_gemma_mtp import demo as demo_pair
         from mlx_gemma_mtp import load
 
-        pair, tokenizer = load(model_path)
+        pair, tokenizer = demo_pair.load_demo() if demo else load(model_path)
         if pair.drafter is None:
             raise click.UsageError(f"'{model_path}' has no drafter: the bench compares plain and MTP decoding")
-        prompt_ids = [tokenizer.encode(p) for p in (prompts or DEFAULT_PROMPTS)]
-        description = str(model_path)
+        texts = demo_pair.held_out_prompts(held_out_prompts) if held_out_prompts else (prompts or DEFAULT_PROMPTS)
+        prompt_ids = [tokenizer.encode(p) for p in texts]
+        description = "demo pair" if demo else str(model_path)
+        if held_out_prompts:
+            description += f", {len(texts)} held-out standard-library prompts"
     tokenizer.eos_token_ids = set()  # every setting decodes exactly --tokens tokens
 
     opts = b.BenchOptions(tokens=tokens, repeats=repeats, ks=int_list(ks), adaptive=not no_adaptive,

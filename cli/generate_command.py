@@ -45,7 +45,7 @@ def finite(ctx, param, value):
 def model_options(f):
     """The flags `generate` and `chat` share: model, drafter, sampling, draft length."""
     options = [
-        click.option("--model", required=True, metavar="PATH|REPO",
+        click.option("--model", metavar="PATH|REPO",
                      help="A converted pair folder, or a target: mlx-lm/HF folder or hub repo id."),
         click.option("--draft-model", metavar="PATH|REPO", help="The MTP drafter (default: the pair's own)."),
         click.option("--no-draft", is_flag=True, help="Load no drafter: plain decoding."),
@@ -75,11 +75,20 @@ def model_options(f):
 # ---- loading and prompts --------------------------------------------------------------------
 
 
-def load_model(model, draft_model, no_draft):
+def load_model(model, draft_model, no_draft, demo=False):
     from mlx_gemma_mtp import Pair, load
 
     if no_draft and draft_model:
         raise click.UsageError("--no-draft and --draft-model contradict each other")
+    if demo:
+        from mlx_gemma_mtp.demo import load_demo
+
+        if model or draft_model:
+            raise click.UsageError("--demo brings its own pair: drop --model/--draft-model")
+        pair, tokenizer = load_demo()
+        return (Pair(pair.target) if no_draft else pair), tokenizer
+    if not model:
+        raise click.UsageError("missing option '--model'")
     if not no_draft:
         return load(model, draft_path=draft_model)
     pair, tokenizer = load(target_of(model))
@@ -225,15 +234,22 @@ def report(last, drafting, verbose):
 @main.command()
 @model_options
 @click.option("--prompt", metavar="TEXT", help="The prompt ('-' or absent: read stdin).")
-@click.option("--chat/--raw", "use_chat", default=True, show_default=True,
-              help="Apply the tokenizer's chat template (system + user turn), or send the prompt as is.")
+@click.option("--chat/--raw", "use_chat", default=None,
+              help="Apply the tokenizer's chat template (system + user turn; the default), or send the prompt "
+                   "as is (the default with --demo).")
+@click.option("--demo", is_flag=True,
+              help="Use the bundled demo pair (a small Gemma 4 trained on Python's standard library): "
+                   "works offline, completes Python source.")
 def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
-             repetition_penalty, seed, verbose, prompt, use_chat):
+             repetition_penalty, seed, verbose, prompt, use_chat, demo):
     """Generate a reply to one prompt, streamed to stdout; a summary goes to stderr."""
+    if demo and use_chat:
+        raise click.UsageError("the demo pair is a raw-text model without a chat template: drop --chat")
+    use_chat = not demo if use_chat is None else use_chat
     text = read_prompt(prompt)
     if system and not use_chat:
         raise click.UsageError("--system needs the chat template (drop --raw)")
-    pair, tokenizer = load_model(model, draft_model, no_draft)
+    pair, tokenizer = load_model(model, draft_model, no_draft, demo)
     ids = chat_tokens(tokenizer, messages_for(system, text)) if use_chat else tokenizer.encode(text)
     max_tokens = check_context(pair, ids, max_tokens)
     drafting = draft_tokens(pair, num_draft_tokens) != 0
@@ -241,6 +257,9 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
         click.echo(f"prompt: {len(ids)} tokens ({'chat template' if use_chat else 'raw'}), "
                    f"drafter: {'yes' if pair.drafter is not None else 'none'}", err=True)
 
+    if demo:
+        sys.stdout.write(text)  # a completion reads as a whole with its prompt
+        sys.stdout.flush()
     tally = Tally(time.perf_counter())
     try:
         reply, last = stream(pair, tokenizer, ids, tally, max_tokens=max_tokens,

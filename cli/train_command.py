@@ -39,7 +39,7 @@ def train_drafter(target, init_path, data, out, steps, lr, block, batch, seq_len
     from mlx_gemma_mtp.bench import preload_openblas
     from mlx_gemma_mtp.errors import MTPError
 
-    preload_openblas(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
+    preload_openblas(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv, command="train-drafter")
     if Path(out).expanduser().exists() and not force:
         raise MTPError(f"output '{out}' already exists (use --force to replace it)")
     if init_path is not None and any(v is not None for v in (layers, hidden, intermediate)):
@@ -48,13 +48,13 @@ def train_drafter(target, init_path, data, out, steps, lr, block, batch, seq_len
     pair, tokenizer = api.load(target)
     target_config = json.loads((api.target_folder(target) / "config.json").read_text())
     files = t.data_files(data)
-    train_stream, held_stream = t.split_stream(t.token_stream(files, tokenizer), cfg)
     if init_path is not None:
         drafter, config = t.init_drafter(init_path)
         api.check_pair(target_config, config)
     else:
         n, h, i = t.default_shape(pair.view.args.hidden_size)
         drafter, config = t.new_drafter(target_config, pair.view, layers or n, hidden or h, intermediate or i, seed)
+    train_stream, held_stream = t.split_stream(t.token_stream(files, tokenizer), cfg)
     click.echo(f"training on {train_stream.size:,} tokens from {len(files)} files; "
                f"held out: the last {held_stream.size:,}", err=True)
 

@@ -10,6 +10,9 @@
 4. drafter: `gemma-mtp train-drafter` (MLX) trains a new drafter on the converted target.
 5. package: the pair, in bfloat16, into mlx_gemma_mtp/demo_pair/ (package data).
 
+`--stage realign` (not part of `all`) runs the re-alignment experiment: the drafter on the 4-bit
+target before and after `train-drafter --init`, benchmarked on held-out prompts.
+
 Seeded throughout; needs the test extras (torch, transformers). About 45 minutes on 2 CPU cores.
 """
 
@@ -145,13 +148,81 @@ def train_target(work: Path, steps: int, batch: int, lr: float, seed: int) -> No
     log(f"target -> {out}")
 
 
+# --- 3.-5. convert, drafter, package -------------------------------------------------------------
+
+
+def convert_target(work: Path) -> None:
+    from mlx_gemma_mtp.convert import convert
+
+    convert(str(work / "target-hf"), work / "target-mlx", dtype="float32", force=True)
+    log(f"target converted -> {work / 'target-mlx'}")
+
+
+def train_drafter(work: Path, steps: int, seed: int) -> None:
+    shape = ["--layers", "2", "--hidden", "256", "--intermediate", "512", "--lr", "2e-3"]
+    log("drafter: gemma-mtp train-drafter ...")
+    subprocess.run(train_drafter_command(work / "target-mlx", work / "drafter", steps, seed, shape), check=True)
+
+
+def package(work: Path) -> None:
+    from mlx_gemma_mtp.convert import convert
+
+    out = demo.PAIR_DIR
+    convert(str(work / "target-hf"), out, draft=str(work / "drafter"), dtype="bfloat16", force=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"demo pair -> {out} ({size / 1e6:.1f} MB)")
+
+
+def train_drafter_command(target: Path, out: Path, steps: int, seed: int, extra: list) -> list:
+    train_files, _ = demo.split_files()
+    command = [
+        sys.executable, "-m", "mlx_gemma_mtp.cli", "train-drafter", "--target", str(target), "--out", str(out),
+        "--force", "--steps", str(steps), "--block", "3", "--batch", "8", "--seq-len", "256",
+        "--eval-every", "50", "--seed", str(seed), *extra,
+    ]
+    for path in train_files:
+        command += ["--data", str(path)]
+    return command
+
+
+def bench(pair: Path, json_path: Path, ks: str = "1,2,3,4") -> dict:
+    command = [sys.executable, "-m", "mlx_gemma_mtp.cli", "bench", "--model", str(pair), "--held-out-prompts", "8",
+               "--ks", ks, "--tokens", "64", "--repeats", "3", "--json", str(json_path)]
+    subprocess.run(command, check=True)
+    return json.loads(json_path.read_text())
+
+
+def realign(work: Path, steps: int, seed: int) -> None:
+    """The drafter trained for the float32 target, on the 4-bit target, before and after
+    `train-drafter --init` re-aligns it to the 4-bit target (held-out prompts, greedy)."""
+    from mlx_gemma_mtp.convert import QuantSpec, convert
+
+    results = ROOT / "benchmarks" / "results"
+    q4 = QuantSpec(4, 64, "affine")
+    convert(str(work / "target-hf"), work / "pair-4bit", draft=str(work / "drafter"), quantization=q4,
+            dtype="float32", force=True)
+    before = bench(work / "pair-4bit", results / "demo_4bit_before_realign.json")
+    subprocess.run(train_drafter_command(work / "pair-4bit", work / "drafter-4bit", steps, seed,
+                                         ["--init", str(work / "drafter"), "--lr", "5e-4"]), check=True)
+    convert(str(work / "target-hf"), work / "pair-4bit-realigned", draft=str(work / "drafter-4bit"),
+            quantization=q4, dtype="float32", force=True)
+    after = bench(work / "pair-4bit-realigned", results / "demo_4bit_after_realign.json")
+    for name, report in (("before", before), ("after", after)):
+        for entry in report["mtp"]:
+            log(f"4-bit target, {name} re-alignment: K={entry['num_draft_tokens']} speedup {entry['speedup']:.2f} "
+                f"acceptance {[round(a, 3) for a in entry['acceptance_per_position']]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(ROOT / "build" / "demo"))
-    parser.add_argument("--stage", default="all")
+    parser.add_argument("--stage", default="all",
+                        choices=["all", "tokenizer", "target", "convert", "drafter", "package", "realign"])
     parser.add_argument("--target-steps", type=int, default=700)
     parser.add_argument("--target-batch", type=int, default=16)
     parser.add_argument("--target-lr", type=float, default=2e-3)
+    parser.add_argument("--drafter-steps", type=int, default=450)
+    parser.add_argument("--realign-steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = Path(args.work)
@@ -161,6 +232,14 @@ def main() -> None:
         train_tokenizer(work / "tokenizer")
     if "target" in stages:
         train_target(work, args.target_steps, args.target_batch, args.target_lr, args.seed)
+    if "convert" in stages:
+        convert_target(work)
+    if "drafter" in stages:
+        train_drafter(work, args.drafter_steps, args.seed)
+    if "package" in stages:
+        package(work)
+    if args.stage == "realign":  # the re-alignment experiment, not part of the build
+        realign(work, args.realign_steps, args.seed)
 
 
 if __name__ == "__main__":

@@ -623,12 +623,13 @@ def report_dict(report: dict) -> dict:
     return plain(report)
 
 
-def preload_openblas(argv: list, env: dict = os.environ, log=lambda m: print(m, file=sys.stderr)) -> None:
+def preload_openblas(argv: list, env: dict = os.environ, log=lambda m: print(m, file=sys.stderr),
+                     command: str = "bench") -> None:
     """On Linux, re-exec this process with OpenBLAS preloaded (MLX's CPU wheel bundles the slow
     reference BLAS, see measuring.md); warn when it is not installed."""
     if platform.system() != "Linux" or openblas_loaded() or env.get(REEXEC_MARK):
         return
-    if "bench" not in argv:  # only the command line re-executes itself, never a host program
+    if command not in argv:  # only the command line re-executes itself, never a host program
         return
     found = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
     if found is None:

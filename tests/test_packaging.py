@@ -1,5 +1,6 @@
 """The built wheel installs into a fresh virtualenv and provides a working `gemma-mtp`."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -41,3 +42,13 @@ def test_wheel_installs_and_runs(tmp_path):
     assert "convert" in result.stdout
     result = subprocess.run([env_dir / "bin" / "gemma-mtp", "convert", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--draft-q-bits" in result.stdout
+
+    # the demo pair is package data: the README's first command works from the wheel, offline
+    result = subprocess.run(
+        [env_dir / "bin" / "gemma-mtp", "generate", "--demo", "--prompt", "def parse_args(argv):", "--max-tokens", "16"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def parse_args(argv):") and "tok/s" in result.stderr
+    result = subprocess.run([env_dir / "bin" / "gemma-mtp", "train-drafter", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--init" in result.stdout
