@@ -46,6 +46,9 @@ def train_drafter(target, init_path, data, out, steps, lr, block, batch, seq_len
         raise click.UsageError("--layers/--hidden/--intermediate shape a new drafter; they do not apply with --init")
     cfg = t.TrainConfig(steps=steps, lr=lr, block=block, batch=batch, seq_len=seq_len, seed=seed, eval_every=eval_every)
     pair, tokenizer = api.load(target)
+    if t.dequantize_on_cpu(pair.target):
+        click.echo("CPU backend: the target's quantized weights are dequantized for training (MLX's CPU quantized "
+                   "matmuls are ~10x slower over many tokens; the values, and so the features, are the same)", err=True)
     target_config = json.loads((api.target_folder(target) / "config.json").read_text())
     files = t.data_files(data)
     if init_path is not None:

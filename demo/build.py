@@ -192,25 +192,25 @@ def bench(pair: Path, json_path: Path, ks: str = "1,2,3,4") -> dict:
     return json.loads(json_path.read_text())
 
 
-def realign(work: Path, steps: int, seed: int) -> None:
-    """The drafter trained for the float32 target, on the 4-bit target, before and after
-    `train-drafter --init` re-aligns it to the 4-bit target (held-out prompts, greedy)."""
+def realign(work: Path, steps: int, seed: int, bits: int = 4) -> None:
+    """The drafter trained for the float32 target, on the quantized target, before and after
+    `train-drafter --init` re-aligns it to the quantized target (held-out prompts, greedy)."""
     from mlx_gemma_mtp.convert import QuantSpec, convert
 
     results = ROOT / "benchmarks" / "results"
-    q4 = QuantSpec(4, 64, "affine")
-    convert(str(work / "target-hf"), work / "pair-4bit", draft=str(work / "drafter"), quantization=q4,
+    quant, tag = QuantSpec(bits, 64, "affine"), f"{bits}bit"
+    convert(str(work / "target-hf"), work / f"pair-{tag}", draft=str(work / "drafter"), quantization=quant,
             dtype="float32", force=True)
-    before = bench(work / "pair-4bit", results / "demo_4bit_before_realign.json")
-    subprocess.run(train_drafter_command(work / "pair-4bit", work / "drafter-4bit", steps, seed,
+    before = bench(work / f"pair-{tag}", results / f"demo_{tag}_before_realign.json")
+    subprocess.run(train_drafter_command(work / f"pair-{tag}", work / f"drafter-{tag}", steps, seed,
                                          ["--init", str(work / "drafter"), "--lr", "5e-4"]), check=True)
-    convert(str(work / "target-hf"), work / "pair-4bit-realigned", draft=str(work / "drafter-4bit"),
-            quantization=q4, dtype="float32", force=True)
-    after = bench(work / "pair-4bit-realigned", results / "demo_4bit_after_realign.json")
+    convert(str(work / "target-hf"), work / f"pair-{tag}-realigned", draft=str(work / f"drafter-{tag}"),
+            quantization=quant, dtype="float32", force=True)
+    after = bench(work / f"pair-{tag}-realigned", results / f"demo_{tag}_after_realign.json")
     for name, report in (("before", before), ("after", after)):
         for entry in report["mtp"]:
-            log(f"4-bit target, {name} re-alignment: K={entry['num_draft_tokens']} speedup {entry['speedup']:.2f} "
-                f"acceptance {[round(a, 3) for a in entry['acceptance_per_position']]}")
+            log(f"{bits}-bit target, {name} re-alignment: K={entry['num_draft_tokens']} speedup {entry['speedup']:.2f} "
+                f"acceptance {[None if a is None else round(a, 3) for a in entry['acceptance_per_position']]}")
 
 
 def main() -> None:
@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--target-lr", type=float, default=2e-3)
     parser.add_argument("--drafter-steps", type=int, default=450)
     parser.add_argument("--realign-steps", type=int, default=200)
+    parser.add_argument("--realign-bits", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = Path(args.work)
@@ -239,7 +240,7 @@ def main() -> None:
     if "package" in stages:
         package(work)
     if args.stage == "realign":  # the re-alignment experiment, not part of the build
-        realign(work, args.realign_steps, args.seed)
+        realign(work, args.realign_steps, args.seed, args.realign_bits)
 
 
 if __name__ == "__main__":

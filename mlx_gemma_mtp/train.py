@@ -117,6 +117,18 @@ def target_features(view: TargetView, tokens: mx.array) -> dict:
     return features  # computed outside value_and_grad: no gradients reach the target
 
 
+def dequantize_on_cpu(model: nn.Module) -> bool:
+    """On the CPU backend, replace quantized layers by float ones holding the dequantized values
+    (measured on the 4-bit demo target: features 11x faster, equal to 2e-5). Returns whether it did."""
+    from mlx_lm.utils import dequantize_model
+
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    if not quantized or mx.default_device() != mx.cpu:
+        return False
+    dequantize_model(model)
+    return True
+
+
 # --- the drafter's side ---------------------------------------------------------------------
 
 

@@ -135,3 +135,22 @@ def test_write_drafter_refuses_existing_output(target_only, tmp_path):
 def test_too_little_text_is_a_clear_error():
     with pytest.raises(MTPError, match="not enough training text"):
         t.split_stream(np.zeros(100, np.int32), CFG)
+
+
+def test_quantized_target_features_survive_dequantizing_for_cpu_training(reference_pair, tmp_path):
+    """train-drafter dequantizes a quantized target on the CPU: the features it trains on stay the
+    quantized target's own (same values, float rounding apart)."""
+    from mlx_gemma_mtp.convert import QuantSpec
+
+    target, _ = reference_pair("31b")
+    out = tmp_path / "q4"
+    convert(str(target), out, quantization=QuantSpec(4, 64, "affine"), dtype="float32", progress=False)
+    pair, _ = api.load(str(out))
+    tokens = mx.array([[2] + np.random.default_rng(0).integers(3, ref.VOCAB, size=60).tolist()])
+    quantized = t.target_features(pair.view, tokens)
+    mx.eval(quantized)
+    assert t.dequantize_on_cpu(pair.target) == (mx.default_device() == mx.cpu)
+    dequantized = t.target_features(pair.view, tokens)
+    for key in ("hidden", "log_p"):
+        assert mx.allclose(quantized[key], dequantized[key], atol=1e-4).item()
+    assert not t.dequantize_on_cpu(pair.target)  # nothing quantized is left
