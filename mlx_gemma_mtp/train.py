@@ -26,13 +26,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from .config import normalize_target_config, text_config_of
 from .drafter import Drafter, DrafterArgs, load_drafter
 from .errors import MTPError
 from .target import TargetView
 
+ARCHITECTURES = {
+    "gemma4_assistant": "Gemma4AssistantForCausalLM",
+    "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM",
+}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".c", ".h", ".js", ".ts", ".html", ".csv"}
 
 
@@ -224,7 +228,7 @@ def new_drafter_config(target_config: dict, layers: int, hidden: int, intermedia
     if model_type == "gemma4_assistant":
         text_config.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, enable_moe_block=False)
     return {
-        "architectures": ["Gemma4UnifiedAssistantForCausalLM" if "unified" in model_type else "Gemma4AssistantForCausalLM"],
+        "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
         "backbone_hidden_size": text["hidden_size"],
         "use_ordered_embeddings": False,
@@ -239,7 +243,9 @@ def new_drafter(target_config: dict, view: TargetView, layers: int, hidden: int,
     drafter = Drafter(DrafterArgs.from_dict(config))
     embed = view.text.model.embed_tokens
     if isinstance(embed, nn.QuantizedEmbedding):
-        weight = mx.dequantize(embed.weight, embed.scales, embed.biases, embed.group_size, embed.bits, embed.mode)
+        weight = mx.dequantize(
+            embed.weight, embed.scales, getattr(embed, "biases", None), embed.group_size, embed.bits, embed.mode
+        )
     else:
         weight = embed.weight
     if weight.shape[1] == hidden:
@@ -252,8 +258,6 @@ def new_drafter(target_config: dict, view: TargetView, layers: int, hidden: int,
 
 
 def tree_map_float32(params):
-    from mlx.utils import tree_map
-
     return tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, params)
 
 

@@ -96,7 +96,7 @@ def test_training_blocks_are_the_inference_forward(target_only):
         assert drafter.greedy_token(h).item() == drafted[1][pos].item()
 
 
-@pytest.mark.parametrize("variant,init", [("31b", False), ("e2b", True)])
+@pytest.mark.parametrize("variant,init", [("31b", False), ("12b", False), ("e2b", True)])
 def test_trained_drafter_loads_in_transformers_and_drafts_the_same(target_only, variant, init, tmp_path):
     _, drafter, draft_config, _ = trained(target_only, variant, init, steps=10)
     out = tmp_path / "drafter"
