@@ -243,11 +243,6 @@ def report(last, drafting, verbose):
 def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
              repetition_penalty, seed, verbose, prompt, use_chat, demo):
     """Generate a reply to one prompt, streamed to stdout; a summary goes to stderr."""
-    from mlx_gemma_mtp.bench import preload_openblas
-
-    # Linux only, quietly: verification forwards are multi-token matmuls (see bench)
-    preload_openblas(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv, log=lambda m: None,
-                     command="generate")
     if demo and use_chat:
         raise click.UsageError("the demo pair is a raw-text model without a chat template: drop --chat")
     use_chat = not demo if use_chat is None else use_chat
