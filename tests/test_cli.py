@@ -198,6 +198,8 @@ def test_ctrl_c_stops_with_stats(pair):
     proc = subprocess.Popen(
         [GEMMA_MTP, "generate", "--model", str(pair), "--prompt", LONG, "--max-tokens", "100000"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a shell's background job ignores SIGINT and children inherit that: give Ctrl-C its default back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout.read(1), "no output before the interrupt"
