@@ -154,3 +154,18 @@ def test_quantized_target_features_survive_dequantizing_for_cpu_training(referen
     for key in ("hidden", "log_p"):
         assert mx.allclose(quantized[key], dequantized[key], atol=1e-4).item()
     assert not t.dequantize_on_cpu(pair.target)  # nothing quantized is left
+
+
+def test_empty_per_layer_config_means_full_layers_use_head_dim():
+    """transformers 5.22 lists only the overrides that differ; the demo target (head_dim 64 everywhere)
+    was written with `per_layer_config: {}`, which once read as global_head_dim 512."""
+    from mlx_gemma_mtp.config import attention_shapes, normalize_text_config
+
+    text = normalize_text_config(
+        {"head_dim": 64, "num_key_value_heads": 2, "num_hidden_layers": 3, "per_layer_config": {}},
+        unified=False, role="target",
+    )
+    assert text["global_head_dim"] == 64
+    assert attention_shapes(text)["full_attention"] == (64, 2)
+    legacy = normalize_text_config({"head_dim": 64, "num_hidden_layers": 3}, unified=False, role="target")
+    assert legacy["global_head_dim"] == 512  # without per_layer_config, transformers' default stands
