@@ -37,7 +37,9 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 @click.option("--demo", is_flag=True, help="The bundled demo pair on held-out standard-library prompts (real acceptance).")
 @click.option("--held-out-prompts", type=click.IntRange(min=1), metavar="N",
               help="Use N prompts cut from standard-library files the demo pair never saw (default 8 with --demo).")
-@click.option("--shape", type=click.Choice(SHAPE_NAMES), help="Build a random float32 pair with this variant's shapes.")
+@click.option("--shape", type=click.Choice(SHAPE_NAMES), help="Build a random pair with this variant's shapes.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), 
+              help="Weights of the --shape pair [default: float32, what MLX's CPU matmuls are fast in].")
 @click.option("--layers", type=int, default=6, show_default=True, help="Target layers for --shape.")
 @click.option("--vocab", type=int, default=32768, show_default=True, help="Vocabulary for --shape.")
 @click.option("--experts", type=int, help="Experts per MoE layer for --shape 26b (default: the real 128).")
@@ -53,7 +55,7 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw speedup and acceptance (matplotlib).")
-def bench(model_path, demo, held_out_prompts, shape, layers, vocab, experts, tokens, prompts, prompt_tokens, num_prompts, repeats, ks,
+def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, experts, tokens, prompts, prompt_tokens, num_prompts, repeats, ks,
           no_adaptive, no_mlx_lm, inject_acceptance, seed, json_path, plot_path):
     """Benchmark mlx-lm, plain and MTP decoding (K = 1..8 and adaptive) on the same pair.
 
@@ -62,6 +64,9 @@ def bench(model_path, demo, held_out_prompts, shape, layers, vocab, experts, tok
 
     if sum((model_path is not None, shape is not None, demo)) != 1:
         raise click.UsageError("give exactly one of --model PATH, --demo or --shape NAME")
+    if dtype and not shape:
+        raise click.UsageError("--dtype is for --shape (a converted pair keeps its own)")
+    dtype = dtype or "float32"
     if (prompts or held_out_prompts) and shape:
         raise click.UsageError("--prompt is for --model; --shape uses random prompts (--prompt-tokens)")
     if prompts and held_out_prompts:
@@ -88,11 +93,13 @@ def bench(model_path, demo, held_out_prompts, shape, layers, vocab, experts, tok
         click.echo(message, err=True)
 
     if shape:
-        log(f"building a random float32 {shape}-shaped pair: {layers} layers, vocab {vocab} ...")
-        pair = b.random_pair(shape, layers, vocab, experts, seed)
+        log(f"building a random {dtype} {shape}-shaped pair: {layers} layers, vocab {vocab} ...")
+        import mlx.core as mx
+
+        pair = b.random_pair(shape, layers, vocab, experts, seed, getattr(mx, dtype))
         tokenizer = b.word_tokenizer(vocab)
         prompt_ids = random_prompts(vocab, num_prompts, prompt_tokens, seed)
-        description = f"random float32 {shape} shapes, {layers} layers, vocab {vocab}"
+        description = f"random {dtype} {shape} shapes, {layers} layers, vocab {vocab}"
         if experts:
             description += f", {experts} experts"
     else:

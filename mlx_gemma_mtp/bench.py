@@ -146,8 +146,10 @@ def drafter_config(shape: Shape, vocab: int) -> dict:
     return config
 
 
-def random_pair(name: str, layers: int, vocab: int, experts: Optional[int] = None, seed: int = 0) -> Pair:
-    """A random float32 target with `name`'s per-layer shapes and its real-shaped random drafter."""
+def random_pair(name: str, layers: int, vocab: int, experts: Optional[int] = None, seed: int = 0,
+                dtype: mx.Dtype = mx.float32) -> Pair:
+    """A random target with `name`'s per-layer shapes and its real-shaped random drafter, in `dtype`
+    (float32 on CPUs, see measuring.md; bfloat16 is what GPUs and Macs run)."""
     from mlx_lm.models import gemma4_text
 
     from .drafter import Drafter, DrafterArgs
@@ -157,10 +159,12 @@ def random_pair(name: str, layers: int, vocab: int, experts: Optional[int] = Non
         raise ValueError(f"--vocab must be a multiple of {TOKENS_PER_CENTROID} for {name}'s centroid head")
     mx.random.seed(seed)
     target = gemma4_text.Model(target_args(shape, layers, vocab, experts))
+    target.set_dtype(dtype)
     mx.eval(target.parameters())
     drafter = Drafter(DrafterArgs.from_dict(drafter_config(shape, vocab)))
     if shape.centroid_head:
         drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
+    drafter.set_dtype(dtype)
     mx.eval(drafter.parameters())
     drafter.eval()
     return Pair(target, drafter)
@@ -199,7 +203,10 @@ class InjectedAcceptance:
 
     Draft j is replaced by the target's greedy token at its position (from a plain run done
     beforehand) when a seeded draw says so, and otherwise by a token guaranteed to differ. Draws
-    are keyed by (seed, position) so every setting sees the same draws at the same position.
+    are keyed by (seed, the draft's own position): a position is drafted at most once per run
+    (after a rejection the target's token takes it), so the draws stay independent, and every
+    setting sees the same draw at the same position (common random numbers: settings differ by
+    their costs and K, not by luck).
     The drafter's own tokens stay in the graph (`where` reads them), so it runs at full cost.
     A profile shorter than K repeats its last value."""
 
@@ -214,7 +221,8 @@ class InjectedAcceptance:
         return [self.continuation[min(start + j, len(self.continuation) - 1)] for j in range(k)]
 
     def keep(self, position: int, k: int) -> list:
-        draws = np.random.default_rng([self.seed, position]).random(k)
+        """Per draft j of a round after `position`: does it match the target's token?"""
+        draws = [np.random.default_rng([self.seed, position + 1 + j]).random() for j in range(k)]
         return [bool(u < self.profile[min(j, len(self.profile) - 1)]) for j, u in enumerate(draws)]
 
     def __call__(self, drafts: mx.array, position: int) -> mx.array:
@@ -310,7 +318,8 @@ def median_time(fn: Callable, repeats: int) -> float:
 class StepCosts:
     plain: float  # one target token, argmax included
     verify: dict  # k -> seconds for verifying k + 1 tokens
-    draft: dict  # k -> seconds for a k-step draft block
+    draft: dict  # k -> seconds for a k-step draft block, as the loop runs it
+    draft_eager: dict = field(default_factory=dict)  # ... without mx.compile, for comparison
 
     def round(self, k: int) -> float:
         return self.plain if k == 0 else self.verify[k] + self.draft[k]
@@ -334,10 +343,18 @@ def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3) -> Step
         drafts, _ = draft_block(pair, token, hidden, cache, k, Sampling(seed=0), None)
         mx.eval(drafts)
 
+    def draft_times():
+        return {k: median_time(lambda: draft(k), repeats) for k in ks} if pair.drafter is not None else {}
+
     plain = median_time(lambda: verify(1), repeats)
     verify_times = {k: median_time(lambda: verify(k + 1), repeats) for k in ks}
-    draft_times = {k: median_time(lambda: draft(k), repeats) for k in ks} if pair.drafter is not None else {}
-    return StepCosts(plain, verify_times, draft_times)
+    loop_draft = draft_times()
+    compiled, pair.compile_draft = pair.compile_draft, False
+    try:
+        eager_draft = draft_times() if compiled else loop_draft
+    finally:
+        pair.compile_draft = compiled
+    return StepCosts(plain, verify_times, loop_draft, eager_draft)
 
 
 def median_steps(runs: list) -> StepCosts:
@@ -348,6 +365,7 @@ def median_steps(runs: list) -> StepCosts:
         med([r.plain for r in runs]),
         {k: med([r.verify[k] for r in runs]) for k in runs[0].verify},
         {k: med([r.draft[k] for r in runs]) for k in runs[0].draft},
+        {k: med([r.draft_eager[k] for r in runs]) for k in runs[0].draft_eager},
     )
 
 
@@ -366,12 +384,25 @@ class BenchOptions:
     step_repeats: int = 3
 
 
+def device_description() -> str:
+    """What MLX computes on: "cpu" or "gpu (its name)"."""
+    device = mx.default_device()
+    name = mx.device_info().get("device_name", "") if hasattr(mx, "device_info") else ""
+    return f"{device.type.name}" + (f" ({name})" if name and device.type == mx.gpu else "")
+
+
 def openblas_loaded() -> bool:
     return "openblas" in os.environ.get("LD_PRELOAD", "")
 
 
 def setting_name(k) -> str:
     return "plain" if k == 0 else f"K={k}"
+
+
+def paired_ratio(rates: list, base_rates: list) -> float:
+    """Median over repeats of rate / base rate in the same repeat: the machine's drift between
+    repeats cancels in each pair."""
+    return statistics.median(r / b for r, b in zip(rates, base_rates) if b)
 
 
 def summarize(runs: list) -> dict:
@@ -393,7 +424,7 @@ def summarize(runs: list) -> dict:
 def mtp_entry(k, runs: list, plain: dict, steps: StepCosts, drafter_bytes: int, plain_tokens: list, opts) -> dict:
     entry = {"num_draft_tokens": k if k != "adaptive" else "adaptive", **summarize(runs)}
     entry["acceptance_injected"] = opts.inject is not None
-    entry["speedup"] = entry["tokens_per_second"] / plain["tokens_per_second"]
+    entry["speedup"] = paired_ratio(entry["all_tokens_per_second"], plain["all_tokens_per_second"])
     entry["ttft_over_plain"] = entry["ttft_seconds"] / plain["ttft_seconds"]
     entry["peak_over_plain_plus_drafter"] = entry["peak_memory_bytes"] / (plain["peak_memory_bytes"] + drafter_bytes)
     all_stats = [r.stats for per_prompt in runs for r in per_prompt]
@@ -492,6 +523,7 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
         "prompt_tokens": [len(p) for p in prompts],
         "repeats": opts.repeats,
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "device": device_description(),
         "openblas_preloaded": openblas_loaded(),
         "target_weight_bytes": weight_bytes(pair.target),
         "drafter_weight_bytes": drafter_bytes,
@@ -503,7 +535,9 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
             "plain": steps.plain,
             "verify_k_plus_1": {str(k): v for k, v in steps.verify.items()},
             "draft_block_k": {str(k): v for k, v in steps.draft.items()},
+            "draft_block_k_eager": {str(k): v for k, v in steps.draft_eager.items()},
         },
+        "draft_compiled": pair.compile_draft,
     }
     if opts.mlx_lm:
         theirs = summarize(runs["mlx_lm"])
@@ -512,7 +546,7 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
             mlx_lm_ttft_seconds=theirs["ttft_seconds"],
             mlx_lm_peak_memory_bytes=theirs["peak_memory_bytes"],
             mlx_lm_all_tokens_per_second=theirs["all_tokens_per_second"],
-            plain_over_mlx_lm=plain["tokens_per_second"] / theirs["tokens_per_second"],
+            plain_over_mlx_lm=paired_ratio(plain["all_tokens_per_second"], theirs["all_tokens_per_second"]),
             mlx_lm_matches_plain=all(r.tokens == p for rr in runs["mlx_lm"] for r, p in zip(rr, plain_tokens)),
         )
     else:
@@ -537,7 +571,7 @@ def format_report(report: dict) -> str:
                      "(drafts replaced by the target's greedy tokens; the drafter still runs)")
     else:
         lines.append("acceptance: the drafter's own (not injected)")
-    lines.append(f"model: {report.get('model', '?')}; {report['machine']}; "
+    lines.append(f"model: {report.get('model', '?')}; {report['machine']}; {report.get('device', 'cpu')}; "
                  f"OpenBLAS preloaded: {report['openblas_preloaded']}")
     lines.append(f"{report['tokens']} tokens x {report['prompts']} prompt(s), median of {report['repeats']} repeats")
     plain = report["plain_tokens_per_second"]
@@ -549,9 +583,13 @@ def format_report(report: dict) -> str:
     else:
         lines.append(f"plain (ours): {plain:.3f} tok/s, TTFT {report['plain_ttft_seconds']:.3f} s")
     st = report["step_seconds"]
-    lines.append(f"step costs: plain {st['plain'] * 1e3:.1f} ms; verify K+1 "
-                 + " ".join(f"{k}:{v * 1e3:.0f}" for k, v in st["verify_k_plus_1"].items())
-                 + " ms; draft block K " + " ".join(f"{k}:{v * 1e3:.0f}" for k, v in st["draft_block_k"].items()) + " ms")
+    def ms(costs):
+        return " ".join(f"{k}:{v * 1e3:.1f}" for k, v in costs.items()) + " ms"
+
+    lines.append(f"step costs: plain {st['plain'] * 1e3:.1f} ms; verify K+1 {ms(st['verify_k_plus_1'])}; "
+                 f"draft block K {ms(st['draft_block_k'])}")
+    if report.get("draft_compiled") and st.get("draft_block_k_eager"):
+        lines.append(f"draft block without mx.compile: {ms(st['draft_block_k_eager'])}")
     lines.append("")
     head = ("K", "tok/s", "speedup", "ideal", "meas/ideal", "tok/round", "draft ms", "verify ms", "host ms",
             "TTFT/plain", "peak/(plain+drafter)", "same output", "acceptance per position")
@@ -626,8 +664,10 @@ def report_dict(report: dict) -> dict:
 def preload_openblas(argv: list, env: dict = os.environ, log=lambda m: print(m, file=sys.stderr),
                      command: str = "bench") -> None:
     """On Linux, re-exec this process with OpenBLAS preloaded (MLX's CPU wheel bundles the slow
-    reference BLAS, see measuring.md); warn when it is not installed."""
+    reference BLAS, see measuring.md); warn when it is not installed. A GPU build needs neither."""
     if platform.system() != "Linux" or openblas_loaded() or env.get(REEXEC_MARK):
+        return
+    if mx.default_device().type == mx.gpu:
         return
     if command not in argv:  # only the command line re-executes itself, never a host program
         return

@@ -29,9 +29,25 @@ class Pair:
     target: nn.Module  # mlx-lm Gemma 4 model
     drafter: Optional[Drafter] = None
     adaptive: Optional[object] = field(default=None, repr=False)  # the API's adaptive draft policy
+    compile_draft: bool = True  # run the draft step through mx.compile (False: eager)
 
     def __post_init__(self):
         self.view: TargetView = target_view(self.target)
+        self._compiled_step = None
+
+    def compiled_step(self):
+        """The drafter's step as one compiled graph: (token [1, 1], hidden, K/V buffers, masks,
+        position array) -> (greedy token, normed h, projected hidden). The weights are inputs of
+        the compiled function, so reloaded or trained weights are seen."""
+        if self._compiled_step is None:
+            drafter, view = self.drafter, self.view
+
+            def step(token, hidden, kv, masks, position):
+                h, hidden = drafter.step(view.embed(token), hidden, kv, masks, position)
+                return drafter.greedy_token(h), h, hidden
+
+            self._compiled_step = mx.compile(step, inputs=[drafter.state, view.text.model.embed_tokens.state])
+        return self._compiled_step
 
 
 @dataclass
@@ -134,18 +150,35 @@ def pick(sampling: Sampling, logits: mx.array, history, position: int) -> mx.arr
     return draw(log_distribution(sampling, logits), sampling.seed, position, "bonus")[:, None]
 
 
+def round_draft_step(pair: Pair, cache: list, position: int) -> Callable:
+    """This round's draft step: (token, hidden) -> (greedy token, h, projected hidden)."""
+    view, drafter = pair.view, pair.drafter
+    window = drafter.args.sliding_window + 1
+    if pair.compile_draft:
+        kv, masks = view.shared_kv_bucketed(cache, window)
+        step, at = pair.compiled_step(), mx.array(position, mx.int32)
+        return lambda token, hidden: step(token, hidden, kv, masks, at)
+    kv = view.shared_kv(cache, window)
+
+    def eager(token, hidden):
+        h, hidden = drafter(view.embed(token), hidden, kv, position)
+        return drafter.greedy_token(h), h, hidden  # lazy: the greedy token costs only if used
+
+    return eager
+
+
 def draft_block(pair: Pair, token, hidden, cache, k: int, sampling: Sampling, history):
     """K drafts [1, k] (and the drafter's log q per draft when sampling by rejection); the
     query position stays at the last token's for the whole block."""
-    view, drafter = pair.view, pair.drafter
-    kv = view.shared_kv(cache, drafter.args.sliding_window + 1)
-    position = cache[view.producers["full_attention"]].offset
+    drafter = pair.drafter
+    position = cache[pair.view.producers["full_attention"]].offset
+    step = round_draft_step(pair, cache, position)
     rejection = not sampling.greedy and sampling.sampler is None
     drafts, log_q = [], []
     for j in range(k):
-        h, hidden = drafter(view.embed(token), hidden, kv, position)
+        greedy, h, hidden = step(token, hidden)
         if not rejection:
-            token = drafter.greedy_token(h)
+            token = greedy
         else:
             logits = drafter.logits(h)[:, 0]
             if sampling.logits_processors:

@@ -51,6 +51,28 @@ class TargetView:
         }
 
 
+    def shared_kv_bucketed(self, cache: list, window: int, bucket: int = 64) -> tuple:
+        """`shared_kv` with shapes that change every `bucket` tokens instead of every round, for the
+        compiled draft step: the full layer's K/V up to the next multiple of `bucket` with a mask
+        [1, 1, 1, T] of the cached entries; the sliding layer's last `window` entries (or, while
+        fewer are cached, a bucketed prefix and its mask). Masks are None where all are visible."""
+
+        def prefix(c, n):
+            size = min(-(-n // bucket) * bucket, c.keys.shape[2])
+            mask = None if size == n else (mx.arange(size) < n)[None, None, None]
+            return (c.keys[..., :size, :], c.values[..., :size, :]), mask
+
+        full = cache[self.producers["full_attention"]]
+        sliding = cache[self.producers["sliding_attention"]]
+        kv, masks = {}, {}
+        kv["full_attention"], masks["full_attention"] = prefix(full, full.offset)
+        if sliding.end >= window:
+            kv["sliding_attention"], masks["sliding_attention"] = sliding.last(window), None
+        else:  # nothing dropped yet: the buffer starts at the first token
+            kv["sliding_attention"], masks["sliding_attention"] = prefix(sliding, sliding.end)
+        return kv, masks
+
+
 def target_view(model: nn.Module) -> TargetView:
     text = getattr(model, "language_model", model)
     args = text.args

@@ -40,6 +40,9 @@ def test_injected_draws_follow_the_profile():
         assert abs(rate - expected) < 0.05, (j, rate, expected)
         reached &= keeps[:, j]
     assert f.keep(42, 3) == f.keep(42, 5)[:3]  # the same draws at a position, whatever K
+    # ... and whatever round drafts it: the draw belongs to the drafted position (common random numbers)
+    flat = b.InjectedAcceptance(list(range(10, 5000)), 4, [0.5], VOCAB, seed=3)
+    assert all(flat.keep(p, 4)[1:] == flat.keep(p + 1, 3) for p in range(200))
 
 
 def test_filter_replaces_drafts_and_keeps_the_drafter_in_the_graph():
@@ -59,6 +62,51 @@ def test_injection_gives_the_acceptance_in_a_real_run(tiny_pair):
         run = b.run_ours(pair, p, 40, 3, f)
         assert run.tokens == plain  # greedy output is the target's whatever the drafts
         assert abs(run.stats.tokens_per_round - tokens_per_round) < 0.15
+
+
+def rounds_of(pair, prompt_ids, tokens, k, sampling=None):
+    from mlx_gemma_mtp.decode import Stats, generate_tokens
+
+    stats = Stats()
+    out = [t for t, _ in generate_tokens(pair, prompt_ids, tokens, k, stats=stats, sampling=sampling)]
+    return out, stats.round_log
+
+
+def test_compiled_draft_step_drafts_what_the_eager_step_drafts(tiny_pair):
+    """The compiled step reads bucketed K/V through masks: before the sliding window (16) fills,
+    after it, across the full layer's buffer growth (256 tokens) and after rollbacks, its drafts
+    are the eager step's."""
+    from mlx_gemma_mtp.sampling import Sampling
+
+    pair, _ = tiny_pair
+    short, long = prompt(6, seed=4), prompt(240, seed=5)
+    assert len(long) + 60 > 256  # the full layer's buffer grows during the long run
+    results = {}
+    try:
+        for compiled in (True, False):
+            pair.compile_draft = compiled
+            results[compiled] = [rounds_of(pair, short, 30, 3), rounds_of(pair, long, 60, 3),
+                                 rounds_of(pair, long, 30, 4, Sampling(temperature=1.0, seed=7))]
+    finally:
+        pair.compile_draft = True
+    # the output, every round's drafts and accepted counts
+    assert results[True] == results[False]
+
+
+def test_compiled_draft_step_sees_new_weights(tiny_pair):
+    pair, _ = tiny_pair
+    p = prompt(20, seed=6)
+    before = rounds_of(pair, p, 12, 3)[1]
+    weight = pair.drafter.pre_projection.weight
+    try:
+        pair.drafter.pre_projection.weight = -2 * weight
+        after = rounds_of(pair, p, 12, 3)[1]
+        pair.compile_draft = False
+        eager = rounds_of(pair, p, 12, 3)[1]
+    finally:
+        pair.drafter.pre_projection.weight = weight
+        pair.compile_draft = True
+    assert after == eager and after != before
 
 
 def test_report_has_the_required_keys_and_plots(tiny_pair, tmp_path):
