@@ -6,17 +6,22 @@ after it. The controller keeps
 - per draft position i, decayed counts of "reached position i" and "accepted at position i"
   (a conditional acceptance rate, smoothed by a Beta prior whose mean is the previous position's
   estimate, so a position never tried looks like the one before it);
+- per drafting K, the median of its last `cost_window` round times (round costs are not linear in
+  K; a K measured only now and then keeps its measurements, and one slow round does not move them);
 - decayed least-squares sums for the round cost of drafting rounds, t(k) = a + b*k (k >= 1),
-  with a weak prior on the slope so a single observed K still gives a usable line;
+  with a weak prior on the slope, for the K measured fewer than three times;
 - a decayed mean of plain rounds (K = 0) for t(0); before any plain round, t(0) is the intercept a.
 
 It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
 E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is learnt about the
 drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: position 1 gates every
 other); the back-off doubles after each probe that does not switch drafting back on, and resets
-when one does. Pure Python and O(max_k^2) per round: no MLX calls, nothing to synchronize.
+when one does. While drafting, every `explore_every` rounds it measures a neighbour of the chosen
+K instead (sooner while a neighbour has fewer than three measurements), so a better K next to the
+current one is found from its own rounds rather than from the line. Pure Python and O(max_k^2) per round: no MLX calls, nothing to synchronize.
 """
 
+import statistics
 from dataclasses import dataclass, field
 
 
@@ -30,6 +35,8 @@ class AdaptiveDraft:
     slope_prior_weight: float = 0.5
     start_k: int = 3
     explore_every: int = 16  # drafting rounds between measurements of a neighbouring K
+    first_explore_every: int = 4  # ... while a neighbour has fewer than three measurements
+    cost_window: int = 5  # a drafting K's own last rounds that make its cost
     switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
     first_backoff: int = 8
     max_backoff: int = 256
@@ -50,8 +57,9 @@ class AdaptiveDraft:
         self._off_rounds = 0  # plain rounds since K = 0 last won or a probe ran
         self._backoff = self.first_backoff
         self._probing = False
-        self._k_w, self._k_t = {}, {}  # per drafting K: decayed round count and total seconds
+        self._k_times = {}  # per drafting K: its last `cost_window` round times
         self._since_explore = 0
+        self._explored = 0  # neighbour measurements so far: alternates between the two sides
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
 
     # --- estimates --------------------------------------------------------------------------
@@ -89,8 +97,9 @@ class AdaptiveDraft:
     def cost(self, k: int) -> float:
         # a K tried often enough is judged by its own measured rounds: real round costs are not
         # linear in K (matmul blocking, cache effects); the line covers the untried ones
-        if k > 0 and self._k_w.get(k, 0.0) >= 2:
-            return self._k_t[k] / self._k_w[k]
+        times = self._k_times.get(k, [])
+        if k > 0 and len(times) >= 3:
+            return statistics.median(times)
         line = self.cost_line()
         if k == 0:
             if self._plain_w > 0:
@@ -127,12 +136,13 @@ class AdaptiveDraft:
         if best > 0:
             self._probing, self._backoff, self._off_rounds = False, self.first_backoff, 0
             self._since_explore += 1
-            if self._since_explore >= self.explore_every:
+            neighbours = [n for n in (best - 1, best + 1) if 1 <= n <= max_k]
+            unmeasured = [n for n in neighbours if len(self._k_times.get(n, [])) < 3]
+            if neighbours and self._since_explore >= (self.first_explore_every if unmeasured else self.explore_every):
                 # now and then measure a neighbour, so the per-K costs stay current
-                self._since_explore = 0
-                neighbour = best + (1 if self.rounds // self.explore_every % 2 else -1)
-                if 1 <= neighbour <= max_k:
-                    return self._pick(neighbour)
+                self._since_explore, self._explored = 0, self._explored + 1
+                candidates = unmeasured or neighbours
+                return self._pick(candidates[self._explored % len(candidates)])
             return self._pick(best)
         if self._probing:  # the last probe did not switch drafting back on: wait longer
             self._probing = False
@@ -172,8 +182,7 @@ class AdaptiveDraft:
         if timed:
             self._sw, self._sk, self._skk = self._sw * d + 1, self._sk * d + k, self._skk * d + k * k
             self._st, self._skt = self._st * d + seconds, self._skt * d + k * seconds
-            self._k_w[k] = self._k_w.get(k, 0.0) * d + 1
-            self._k_t[k] = self._k_t.get(k, 0.0) * d + seconds
+            self._k_times[k] = (self._k_times.get(k, []) + [seconds])[-self.cost_window :]
 
 
 def make_controller(spec, max_k: int = 8):

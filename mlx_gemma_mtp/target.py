@@ -50,7 +50,6 @@ class TargetView:
             "sliding_attention": cache[self.producers["sliding_attention"]].last(window),
         }
 
-
     def shared_kv_bucketed(self, cache: list, window: int, bucket: int = 64) -> tuple:
         """`shared_kv` with shapes that change every `bucket` tokens instead of every round, for the
         compiled draft step: the full layer's K/V up to the next multiple of `bucket` with a mask
