@@ -38,7 +38,7 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 @click.option("--held-out-prompts", type=click.IntRange(min=1), metavar="N",
               help="Use N prompts cut from standard-library files the demo pair never saw (default 8 with --demo).")
 @click.option("--shape", type=click.Choice(SHAPE_NAMES), help="Build a random pair with this variant's shapes.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), 
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weights of the --shape pair [default: float32, what MLX's CPU matmuls are fast in].")
 @click.option("--layers", type=int, default=6, show_default=True, help="Target layers for --shape.")
 @click.option("--vocab", type=int, default=32768, show_default=True, help="Vocabulary for --shape.")

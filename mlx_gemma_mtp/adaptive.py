@@ -18,7 +18,8 @@ drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: po
 other); the back-off doubles after each probe that does not switch drafting back on, and resets
 when one does. While drafting, every `explore_every` rounds it measures a neighbour of the chosen
 K instead (sooner while a neighbour has fewer than three measurements), so a better K next to the
-current one is found from its own rounds rather than from the line. Pure Python and O(max_k^2) per round: no MLX calls, nothing to synchronize.
+current one is found from its own rounds rather than from the line. Pure Python and O(max_k^2)
+per round: no MLX calls, nothing to synchronize.
 """
 
 import statistics
