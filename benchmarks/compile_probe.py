@@ -9,24 +9,15 @@ The compiled time is an upper bound on what compiling the draft block can give i
 """
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 
-from mlx_gemma_mtp.bench import device_description, random_pair
+from mlx_gemma_mtp.bench import device_description, median_time, random_pair
 from mlx_gemma_mtp.decode import CACHE_SLACK, prefill
 
 
 def median_ms(fn, repeats):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_time(fn, repeats)
 
 
 def main():
