@@ -16,7 +16,8 @@ from .convert.sources import resolve_source
 from .drafter import load_drafter
 from .errors import MTPError
 from .sampling import Sampling
-from .decode import Pair, PromptCache, Stats, check_draft_tokens, generate_tokens
+from .decode import Pair, PromptCache, Stats, generate_tokens
+from .limits import check_draft_tokens
 
 MANIFEST = "mtp.json"
 

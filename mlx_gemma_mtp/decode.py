@@ -18,8 +18,9 @@ from .errors import MTPError
 from .sampling import Sampling, draw, log_distribution, process, rejection_round
 from .target import TargetView, target_view
 
+from .limits import MAX_DRAFT_TOKENS
+
 PREFILL_STEP = 2048
-MAX_DRAFT_TOKENS = 16
 # Sliding caches keep this many tokens beyond the window, enough to roll back two rounds.
 CACHE_SLACK = 2 * MAX_DRAFT_TOKENS + 4
 
@@ -30,6 +31,8 @@ class Pair:
     drafter: Optional[Drafter] = None
     adaptive: Optional[object] = field(default=None, repr=False)  # the API's adaptive draft policy
     compile_draft: bool = True  # run the draft step through mx.compile (False: eager)
+    target_config: Optional[dict] = field(default=None, repr=False)  # normalized (config.py)
+    draft_config: Optional[dict] = field(default=None, repr=False)
 
     def __post_init__(self):
         self.view: TargetView = target_view(self.target)
@@ -359,8 +362,3 @@ def settle_prompt_cache(pair: Pair, prompt_cache: PromptCache, tokens: list) -> 
     for c in cache:
         c.trim(extra)
     prompt_cache.tokens = list(tokens)
-
-
-def check_draft_tokens(num_draft_tokens) -> None:
-    if isinstance(num_draft_tokens, int) and not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
-        raise MTPError(f"num_draft_tokens must be between 0 and {MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
