@@ -12,8 +12,8 @@ gap is smaller than the movement, a greedy choice can flip.
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma_mtp.bench import random_pair
-from mlx_gemma_mtp.decode import CACHE_SLACK, prefill
+from mlx_gemma_mtp.shapes import random_pair
+from mlx_gemma_mtp.cache import reserve
 
 
 def matmul_errors():
@@ -32,11 +32,14 @@ def logit_drift(shape: str, layers: int, vocab: int = 262144):
     n = prompt.size
 
     def fresh(prefix):
-        cache = view.make_cache(CACHE_SLACK)
-        prefill(view, prompt[:prefix], cache)
+        cache = view.make_cache()
+        reserve(cache, n)
+        view.hidden(prompt[None, :prefix], cache)
         return cache
 
-    one_pass = view.logits(view.hidden(prompt[None], view.make_cache(CACHE_SLACK)))[0, -3:]
+    whole = view.make_cache()
+    reserve(whole, n)
+    one_pass = view.logits(view.hidden(prompt[None], whole))[0, -3:]
     three = view.logits(view.hidden(prompt[None, -3:], fresh(n - 3)))[0]
     cache = fresh(n - 3)
     steps = mx.concatenate([view.logits(view.hidden(prompt[None, i : i + 1], cache))[0] for i in range(n - 3, n)])

@@ -1,14 +1,13 @@
 """`gemma-mtp bench`: mlx-lm, plain and MTP decoding side by side on one pair."""
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from mlx_gemma_mtp.cli import main
+from mlx_gemma_mtp.shapes import SHAPES
 
-SHAPE_NAMES = ["e2b", "e4b", "12b", "26b", "31b"]
 DEFAULT_PROMPTS = [
     "def parse_args(argv):\n    \"\"\"Parse the command line.\"\"\"\n",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -37,7 +36,7 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 @click.option("--demo", is_flag=True, help="The bundled demo pair on held-out standard-library prompts (real acceptance).")
 @click.option("--held-out-prompts", type=click.IntRange(min=1), metavar="N",
               help="Use N prompts cut from standard-library files the demo pair never saw (default 8 with --demo).")
-@click.option("--shape", type=click.Choice(SHAPE_NAMES), help="Build a random pair with this variant's shapes.")
+@click.option("--shape", type=click.Choice(list(SHAPES)), help="Build a random pair with this variant's shapes.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weights of the --shape pair [default: float32, what MLX's CPU matmuls are fast in].")
 @click.option("--layers", type=int, default=6, show_default=True, help="Target layers for --shape.")
@@ -60,7 +59,8 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
     """Benchmark mlx-lm, plain and MTP decoding (K = 1..8 and adaptive) on the same pair.
 
     Speeds on machines without Apple Silicon are only meaningful as ratios (see the README)."""
-    from mlx_gemma_mtp import bench as b
+    from mlx_gemma_mtp import bench_report as r
+    from mlx_gemma_mtp.blas import preload_openblas
 
     if sum((model_path is not None, shape is not None, demo)) != 1:
         raise click.UsageError("give exactly one of --model PATH, --demo or --shape NAME")
@@ -75,11 +75,15 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         held_out_prompts = 8
     if tokens < 2 or repeats < 1:
         raise click.UsageError("--tokens must be at least 2 and --repeats at least 1")
-    if plot_path:  # fail before the long run, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    # the outputs fail before the long run, not after it
+    if json_path:
+        r.check_output(json_path, "--json")
+    if plot_path:
+        r.check_plot_available()
+        r.check_output(plot_path, "--plot")
+
+    from mlx_gemma_mtp import bench as b
+
     profile = None
     if inject_acceptance is not None:
         try:
@@ -87,7 +91,7 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--inject-acceptance") from None
 
-    b.preload_openblas(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
+    preload_openblas("bench")
 
     def log(message):
         click.echo(message, err=True)
@@ -96,8 +100,10 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         log(f"building a random {dtype} {shape}-shaped pair: {layers} layers, vocab {vocab} ...")
         import mlx.core as mx
 
-        pair = b.random_pair(shape, layers, vocab, experts, seed, getattr(mx, dtype))
-        tokenizer = b.word_tokenizer(vocab)
+        from mlx_gemma_mtp import shapes
+
+        pair = shapes.random_pair(shape, layers, vocab, experts, seed, getattr(mx, dtype))
+        tokenizer = shapes.word_tokenizer(vocab)
         prompt_ids = random_prompts(vocab, num_prompts, prompt_tokens, seed)
         description = f"random {dtype} {shape} shapes, {layers} layers, vocab {vocab}"
         if experts:
@@ -120,10 +126,10 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
                           mlx_lm=not no_mlx_lm, inject=profile, seed=seed)
     report = {"model": description, **b.bench(pair, tokenizer, prompt_ids, opts, log=log)}
     report = {"model": description, **{k: v for k, v in report.items() if k != "model"}}
-    click.echo(b.format_report(report))
+    click.echo(r.format_report(report))
     if json_path:
-        Path(json_path).write_text(json.dumps(b.report_dict(report), indent=2) + "\n")
+        Path(json_path).write_text(json.dumps(r.report_dict(report), indent=2) + "\n")
         log(f"wrote {json_path}")
     if plot_path:
-        b.plot(report, plot_path)
+        r.plot(report, plot_path)
         log(f"wrote {plot_path}")

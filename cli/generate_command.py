@@ -1,16 +1,15 @@
 """`gemma-mtp generate` (one prompt, streamed) and `gemma-mtp chat` (a multi-turn REPL)."""
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 
 from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, fit_max_tokens
 
 INTERRUPTED = 130  # the shell's exit status for SIGINT
 
@@ -19,19 +18,20 @@ INTERRUPTED = 130  # the shell's exit status for SIGINT
 
 
 class DraftTokens(click.ParamType):
-    """A draft length: a whole number >= 0, or 'adaptive'."""
+    """A draft length: a whole number in 0..MAX_DRAFT_TOKENS, or 'adaptive'. Checked while the
+    command line is parsed, so a bad value fails before anything is read or loaded."""
 
     name = "K|adaptive"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == "adaptive":
+        if value == "adaptive":
             return value
         try:
             k = int(value)
         except ValueError:
             self.fail(f"expected a number of tokens or 'adaptive', got '{value}'", param, ctx)
-        if k < 0:
-            self.fail(f"must not be negative, got {k}", param, ctx)
+        if not 0 <= k <= MAX_DRAFT_TOKENS:
+            self.fail(f"must be between 0 and {MAX_DRAFT_TOKENS} (or 'adaptive'), got {k}", param, ctx)
         return k
 
 
@@ -76,7 +76,7 @@ def model_options(f):
 
 
 def load_model(model, draft_model, no_draft, demo=False):
-    from mlx_gemma_mtp import Pair, load
+    from mlx_gemma_mtp import load
 
     if no_draft and draft_model:
         raise click.UsageError("--no-draft and --draft-model contradict each other")
@@ -85,26 +85,39 @@ def load_model(model, draft_model, no_draft, demo=False):
 
         if model or draft_model:
             raise click.UsageError("--demo brings its own pair: drop --model/--draft-model")
-        pair, tokenizer = load_demo()
-        return (Pair(pair.target) if no_draft else pair), tokenizer
+        return load_demo(draft=not no_draft)
     if not model:
         raise click.UsageError("missing option '--model'")
-    if not no_draft:
-        return load(model, draft_path=draft_model)
-    pair, tokenizer = load(target_of(model))
-    # a pair given as a hub id still brought its drafter: drop it
-    return (Pair(pair.target) if pair.drafter is not None else pair), tokenizer
+    # --no-draft never resolves, downloads or reads a drafter, even a pair's own
+    return load(model, draft_path=draft_model, draft=not no_draft)
 
 
-def target_of(model):
-    """The target folder of a local converted pair, so --no-draft never reads its drafter."""
-    manifest = Path(model).expanduser() / "mtp.json"
-    if not manifest.is_file():
-        return model
+def utf8(data: bytes, where: str, start: int = 0) -> str:
+    """`data` decoded as UTF-8; anything else is an MTPError naming `where` and the byte offset
+    (counted from `start`, the offset of `data` in its stream)."""
     try:
-        return str(manifest.parent / json.loads(manifest.read_text())["target"]["path"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MTPError(f"cannot read '{manifest}': {e}") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MTPError(f"{where} is not UTF-8: byte 0x{data[e.start]:02x} at offset {start + e.start} "
+                       f"({e.reason})") from None
+
+
+def argument_text(value, option):
+    """A command-line text as it was typed. Python decodes argv with surrogateescape, so bytes that
+    are not UTF-8 arrive as lone surrogates, which the tokenizer cannot encode."""
+    if value is None:
+        return None
+    try:
+        return utf8(value.encode("utf-8", "surrogateescape"), option)
+    except UnicodeEncodeError as e:
+        raise MTPError(f"{option} is not UTF-8: character {e.start} is a lone surrogate") from None
+
+
+def read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stand-in for stdin
+        return argument_text(sys.stdin.read(), "stdin")
+    return utf8(stream.read(), "stdin")
 
 
 def read_prompt(prompt):
@@ -112,9 +125,11 @@ def read_prompt(prompt):
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
             raise click.UsageError("no prompt: pass --prompt TEXT or pipe it on stdin")
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]  # the newline `echo` and editors add is not part of the prompt
+    else:
+        prompt = argument_text(prompt, "--prompt")
     if not prompt.strip():
         raise MTPError("the prompt is empty")
     return prompt
@@ -131,20 +146,6 @@ def chat_tokens(tokenizer, messages):
     if not getattr(tokenizer, "has_chat_template", False):
         raise MTPError("the model's tokenizer has no chat template (use --raw to send the prompt as is)")
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-
-
-def context_length(pair):
-    return getattr(pair.view.args, "max_position_embeddings", None)
-
-
-def check_context(pair, ids, max_tokens):
-    """Refuse a prompt that does not fit; shorten max_tokens to what the context leaves."""
-    limit = context_length(pair)
-    if limit is None:
-        return max_tokens
-    if len(ids) >= limit:
-        raise MTPError(f"the prompt has {len(ids)} tokens; the model's context is {limit} tokens")
-    return min(max_tokens, limit - len(ids))
 
 
 def draft_tokens(pair, num_draft_tokens):
@@ -246,12 +247,12 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
     if demo and use_chat:
         raise click.UsageError("the demo pair is a raw-text model without a chat template: drop --chat")
     use_chat = not demo if use_chat is None else use_chat
-    text = read_prompt(prompt)
+    text, system = read_prompt(prompt), argument_text(system, "--system")
     if system and not use_chat:
         raise click.UsageError("--system needs the chat template (drop --raw)")
     pair, tokenizer = load_model(model, draft_model, no_draft, demo)
     ids = chat_tokens(tokenizer, messages_for(system, text)) if use_chat else tokenizer.encode(text)
-    max_tokens = check_context(pair, ids, max_tokens)
+    max_tokens = fit_max_tokens(len(ids), max_tokens, pair.view.args.max_position_embeddings)
     drafting = draft_tokens(pair, num_draft_tokens) != 0
     if verbose:
         click.echo(f"prompt: {len(ids)} tokens ({'chat template' if use_chat else 'raw'}), "
@@ -286,6 +287,7 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
     """Chat on stdin/stdout, keeping the KV cache between turns."""
     from mlx_gemma_mtp import make_prompt_cache
 
+    system = argument_text(system, "--system")
     pair, tokenizer = load_model(model, draft_model, no_draft)
     if not getattr(tokenizer, "has_chat_template", False):
         raise MTPError("the model's tokenizer has no chat template, which chat needs")
@@ -296,8 +298,15 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
         click.echo(HELP, err=True)
 
     messages, cache, last = messages_for(system), make_prompt_cache(pair), None
+    lines = Lines()
     while True:
-        line = read_line(interactive)
+        try:
+            line = lines.read(interactive)
+        except MTPError as e:
+            if not interactive:
+                raise  # piped input cannot be typed again
+            click.echo(f"error: {e}", err=True)
+            continue
         if line is None or line in ("/quit", "/exit"):
             return
         if not line:
@@ -316,7 +325,7 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
         turn = messages + [{"role": "user", "content": line}]
         ids = chat_tokens(tokenizer, turn)
         try:
-            budget = check_context(pair, ids, max_tokens)
+            budget = fit_max_tokens(len(ids), max_tokens, pair.view.args.max_position_embeddings)
         except MTPError as e:
             # the conversation outgrew the context: the session goes on, the turn is dropped
             click.echo(f"error: {e} (/reset starts a new conversation)", err=True)
@@ -344,13 +353,24 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
             report(last, k != 0, True)
 
 
-def read_line(interactive):
-    """The next user line, or None at the end of input (or Ctrl-C at the prompt)."""
-    if interactive:
-        click.echo("> ", nl=False)
-    try:
-        line = sys.stdin.readline()
-    except KeyboardInterrupt:
-        click.echo("")
-        return None
-    return line.strip() if line else None
+class Lines:
+    """User lines from stdin, decoded as UTF-8; counts the bytes read so an error can say where."""
+
+    def __init__(self):
+        self.offset = 0
+
+    def read(self, interactive):
+        """The next line, or None at the end of input (or Ctrl-C at the prompt)."""
+        if interactive:
+            click.echo("> ", nl=False)
+        stream = getattr(sys.stdin, "buffer", None)
+        try:
+            raw = stream.readline() if stream is not None else sys.stdin.readline()
+        except KeyboardInterrupt:
+            click.echo("")
+            return None
+        if not raw:
+            return None
+        start, self.offset = self.offset, self.offset + len(raw)
+        line = utf8(raw, "stdin", start) if stream is not None else argument_text(raw, "stdin")
+        return line.strip()

@@ -1,7 +1,5 @@
 """`gemma-mtp train-drafter`: self-distill a drafter for a (possibly quantized) target, in MLX."""
 
-import json
-import sys
 from pathlib import Path
 
 import click
@@ -34,26 +32,25 @@ def train_drafter(target, init_path, data, out, steps, lr, block, batch, seq_len
     (5%) measures greedy acceptance per draft position."""
     from tqdm import tqdm
 
-    from mlx_gemma_mtp import api
     from mlx_gemma_mtp import train as t
-    from mlx_gemma_mtp.bench import preload_openblas
-    from mlx_gemma_mtp.errors import MTPError
+    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.checkpoint import check_output
+    from mlx_gemma_mtp.loading import check_pair, load
 
-    preload_openblas(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv, command="train-drafter")
-    if Path(out).expanduser().exists() and not force:
-        raise MTPError(f"output '{out}' already exists (use --force to replace it)")
+    preload_openblas("train-drafter")
+    check_output(out, force)  # an existing or unwritable output fails now, not after training
     if init_path is not None and any(v is not None for v in (layers, hidden, intermediate)):
         raise click.UsageError("--layers/--hidden/--intermediate shape a new drafter; they do not apply with --init")
     cfg = t.TrainConfig(steps=steps, lr=lr, block=block, batch=batch, seq_len=seq_len, seed=seed, eval_every=eval_every)
-    pair, tokenizer = api.load(target)
+    pair, tokenizer = load(target, draft=False)
     if t.dequantize_on_cpu(pair.target):
         click.echo("CPU backend: the target's quantized weights are dequantized for training (MLX's CPU quantized "
                    "matmuls are ~10x slower over many tokens; the values, and so the features, are the same)", err=True)
-    target_config = json.loads((api.target_folder(target) / "config.json").read_text())
+    target_config = pair.target_config
     files = t.data_files(data)
     if init_path is not None:
         drafter, config = t.init_drafter(init_path)
-        api.check_pair(target_config, config)
+        check_pair(target_config, config)
     else:
         n, h, i = t.default_shape(pair.view.args.hidden_size)
         drafter, config = t.new_drafter(target_config, pair.view, layers or n, hidden or h, intermediate or i, seed)

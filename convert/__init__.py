@@ -5,10 +5,6 @@
     DIR/mtp.json  the manifest: sources, dtypes, quantization, bits per weight
 """
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,16 +15,24 @@ from mlx_lm.utils import compute_bits_per_weight
 from tqdm import tqdm
 
 from mlx_gemma_mtp import __version__
+from mlx_gemma_mtp.checkpoint import (
+    cast_floats,
+    check_output,
+    output_folder,
+    read_config,
+    resolve_source,
+    source_record,
+    weight_files,
+    with_dtype,
+    write_manifest,
+)
+from mlx_gemma_mtp.config import normalize_draft_config, normalize_target_config, text_config_of, validate_pair
 from mlx_gemma_mtp.drafter import load_drafter, save_drafter
 from mlx_gemma_mtp.errors import MTPError
 
-from .checkpoint import read_config, weight_files
 from .draft import quantize_drafter
-from mlx_gemma_mtp.config import normalize_draft_config, normalize_target_config, text_config_of, validate_pair
-from .sources import resolve_source
 from .target import build_target, quantize, save_target
 
-MANIFEST = "mtp.json"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 MODE_DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "mxfp8": (8, 32)}
 
@@ -87,8 +91,7 @@ def convert(
     Everything is checked before anything is written; the folder appears whole or not at all.
     """
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MTPError(f"output '{out}' already exists (use --force to replace it)")
+    check_output(out, force)  # an existing or unwritable output fails before any work
     if dtype is not None and dtype not in DTYPES:
         raise MTPError(f"unknown dtype '{dtype}': expected one of {', '.join(DTYPES)}")
 
@@ -115,50 +118,35 @@ def convert(
     draft_model = None
     if draft_dir is not None:
         draft_model, raw_draft_config = load_drafter(draft_dir)
-        draft_model.update(cast_tree(draft_model.parameters(), DTYPES[dtype]))
+        draft_model.update(cast_floats(draft_model.parameters(), DTYPES[dtype]))
 
-    # 2. Build the pair in a temporary folder beside the output, then move it into place.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
-    try:
+    # 2. Build the pair in a hidden folder beside the output, then move it into place.
+    with output_folder(out, force) as tmp:
+        # the configs say the dtype the weights are saved in, not the source's
+        target_config = with_dtype(target_config, dtype)
         if quantization is not None:
             target_config = quantize(
                 target_model, target_config, quantization.bits, quantization.group_size, quantization.mode
             )
         materialize(target_model, "target", progress)
         save_target(target_model, target_config, target_dir, tmp / "target")
-        manifest = {
-            "format": "mlx-gemma-mtp/1",
-            "created_with": f"mlx-gemma-mtp {__version__}",
-            "target": part_record("target", target, target_config, dtype, quantization, target_model),
-            "draft": None,
-        }
-        draft_bpw = None
+        target_part = part_record("target", target, target_config, dtype, quantization, target_model)
+        draft_part = None
         if draft_model is not None:
+            raw_draft_config = with_dtype(raw_draft_config, dtype)
             if draft_quant is not None:
                 raw_draft_config = quantize_drafter(draft_model, raw_draft_config, draft_quant)
             materialize(draft_model, "drafter", progress)
             save_drafter(draft_model, raw_draft_config, tmp / "draft")
-            manifest["draft"] = part_record("draft", draft, raw_draft_config, dtype, draft_quant, draft_model)
-            draft_bpw = manifest["draft"]["bits_per_weight"]
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConvertResult(out, manifest["target"]["bits_per_weight"], draft_bpw)
+            draft_part = part_record("draft", draft, raw_draft_config, dtype, draft_quant, draft_model)
+        write_manifest(tmp, f"mlx-gemma-mtp {__version__}", target_part, draft_part)
+    draft_bpw = None if draft_part is None else draft_part["bits_per_weight"]
+    return ConvertResult(out, target_part["bits_per_weight"], draft_bpw)
 
 
 def require_tokenizer(folder: Path) -> None:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise MTPError(f"target '{folder}' has no tokenizer (tokenizer.json or tokenizer.model)")
-
-
-def cast_tree(params, dtype):
-    from mlx.utils import tree_map
-
-    return tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v, params)
 
 
 def materialize(model: nn.Module, name: str, progress: bool) -> None:
@@ -171,26 +159,9 @@ def materialize(model: nn.Module, name: str, progress: bool) -> None:
 def part_record(path, source, config, dtype, quant: QuantSpec | None, model) -> dict:
     return {
         "path": path,
-        "source": str(source),
+        "source": source_record(source),
         "model_type": config["model_type"],
         "dtype": dtype,
         "quantization": asdict(quant) if quant else None,
         "bits_per_weight": round(float(compute_bits_per_weight(model)), 3),
     }
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing one (allowed by --force) goes only after."""
-    if out.exists():
-        old = out.parent / f".{out.name}.{os.getpid()}.old"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.rename(tmp, out)

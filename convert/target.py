@@ -10,9 +10,8 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4, gemma4_text
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+from mlx_gemma_mtp.checkpoint import cast_floats, load_tensors
 from mlx_gemma_mtp.errors import MTPError
-
-from .checkpoint import load_tensors
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,13 +34,9 @@ def build_target(files: list[Path], config: dict, dtype: mx.Dtype) -> nn.Module:
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     weights = model.sanitize(load_tensors(files, "target"))
-    weights = {k: cast(v, dtype) for k, v in weights.items()}
+    weights = cast_floats(weights, dtype)
     load_strict(model, weights, "target")
     return model
-
-
-def cast(value: mx.array, dtype: mx.Dtype) -> mx.array:
-    return value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
 
 
 def load_strict(model: nn.Module, weights: dict, role: str) -> None:

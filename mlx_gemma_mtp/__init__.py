@@ -2,9 +2,13 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "generate", "stream_generate", "make_prompt_cache", "Response", "Pair", "PromptCache", "Stats"]
+__all__ = [
+    "load", "generate", "stream_generate", "batch_generate", "make_prompt_cache", "Response", "BatchResponse",
+    "Pair", "PromptCache", "Stats",
+]
 
-_HOMES = {"load": "api", "generate": "api", "stream_generate": "api", "Response": "api"}
+_HOMES = {"load": "loading", "generate": "api", "stream_generate": "api", "Response": "api",
+          "batch_generate": "api", "BatchResponse": "api"}
 
 
 def __getattr__(name):

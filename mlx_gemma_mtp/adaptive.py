@@ -159,8 +159,9 @@ class AdaptiveDraft:
         self.history.append(k)
         return k
 
-    def observe(self, k: int, accepted: int, seconds: float) -> None:
-        """One finished round: K drafted, how many were accepted, its wall time.
+    def observe(self, k: int, accepted, seconds: float) -> None:
+        """One finished round: K drafted, how many were accepted (a count, or one per row of a
+        batch), its wall time.
 
         Only drafting rounds age the acceptance counts and the drafting cost line, and only plain
         rounds age t(0): a long plain stretch must not wash the evidence back to the prior (the
@@ -175,19 +176,13 @@ class AdaptiveDraft:
             return
         self.reached = [n * d for n in self.reached]
         self.accepted = [a * d for a in self.accepted]
-        for i in range(min(k, self.max_k)):
-            self.reached[i] += 1
-            if i >= accepted:
-                break  # later positions were not reached: they say nothing about acceptance
-            self.accepted[i] += 1
+        for row in accepted if isinstance(accepted, (list, tuple)) else [accepted]:
+            for i in range(min(k, self.max_k)):
+                self.reached[i] += 1
+                if i >= row:
+                    break  # later positions were not reached: they say nothing about acceptance
+                self.accepted[i] += 1
         if timed:
             self._sw, self._sk, self._skk = self._sw * d + 1, self._sk * d + k, self._skk * d + k * k
             self._st, self._skt = self._st * d + seconds, self._skt * d + k * seconds
             self._k_times[k] = (self._k_times.get(k, []) + [seconds])[-self.cost_window :]
-
-
-def make_controller(spec, max_k: int = 8):
-    """`num_draft_tokens` as the API takes it: an int is fixed K, "adaptive" an AdaptiveDraft."""
-    if spec == "adaptive":
-        return AdaptiveDraft(max_k=max_k)
-    return spec

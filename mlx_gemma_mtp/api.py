@@ -1,87 +1,23 @@
-"""The Python API: `load`, `generate`, `stream_generate`, in mlx-lm's conventions."""
+"""The Python API: `load`, `generate`, `stream_generate`, `batch_generate`, in mlx-lm's conventions.
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+This is the boundary: every argument a caller passes is checked here, once, and a bad one raises
+MTPError with one line; what lies behind it (the engine, the sampling strategies) trusts its input.
+"""
+
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.sample_utils import make_repetition_penalty
-from mlx_lm.utils import load_model, load_tokenizer
 
-from .adaptive import AdaptiveDraft
-from .config import normalize_draft_config, normalize_target_config, validate_pair
-from .convert.sources import resolve_source
-from .drafter import load_drafter
+from .decode import Pair, PromptCache, Stats
+from .engine import Engine, Request
 from .errors import MTPError
+from .limits import check_draft_tokens, fit_max_tokens
+from .loading import load  # noqa: F401  (the API's `load`)
 from .sampling import Sampling
-from .decode import Pair, PromptCache, Stats, generate_tokens
-from .limits import check_draft_tokens
-
-MANIFEST = "mtp.json"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MTPError(f"cannot read '{path}': {e}") from None
-
-
-def _pair_folders(path: str, draft_path: Optional[str]) -> tuple[Path, Optional[Path]]:
-    folder = resolve_source(path, "model")
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        parts = _read_json(manifest)
-        target = folder / parts["target"]["path"]
-        draft = folder / parts["draft"]["path"] if parts.get("draft") else None
-    else:
-        target, draft = folder, None
-    if draft_path is not None:
-        draft = resolve_source(draft_path, "drafter")
-    return target, draft
-
-
-def target_folder(path: str) -> Path:
-    """The target's folder inside a pair folder, or the folder itself."""
-    return _pair_folders(path, None)[0]
-
-
-def check_pair(target_config: dict, draft_config: dict) -> None:
-    """MTPError unless the drafter (raw config) fits the target (raw config)."""
-    validate_pair(normalize_target_config(target_config), normalize_draft_config(draft_config))
-
-
-def load(path: str, draft_path: Optional[str] = None) -> tuple[Pair, TokenizerWrapper]:
-    """Load a converted pair folder, or a target (mlx-lm or Hugging Face folder, or hub id) and
-    optionally its drafter. Without a drafter, generation is plain decoding."""
-    target_dir, draft_dir = _pair_folders(path, draft_path)
-    if not (target_dir / "config.json").is_file():
-        raise MTPError(f"'{target_dir}' has no config.json: not a model folder")
-    target_config = normalize_target_config(_read_json(target_dir / "config.json"))
-    try:
-        # Our normalized config fixes the fields mlx-lm would otherwise default differently.
-        model, _ = load_model(target_dir, model_config=target_config)
-    except (ValueError, FileNotFoundError) as e:
-        raise MTPError(f"cannot load target '{target_dir}': {' '.join(str(e).split())[:300]}") from None
-    tokenizer = load_tokenizer(target_dir, eos_token_ids=_eos_ids(target_dir, target_config))
-    drafter = None
-    if draft_dir is not None:
-        draft_config = normalize_draft_config(_read_json(draft_dir / "config.json"))
-        validate_pair(target_config, draft_config)
-        drafter, _ = load_drafter(draft_dir)
-    return Pair(model, drafter), tokenizer
-
-
-def _eos_ids(folder: Path, config: dict) -> list:
-    eos = config.get("eos_token_id") or config.get("text_config", {}).get("eos_token_id")
-    generation = folder / "generation_config.json"
-    if generation.is_file():
-        eos = _read_json(generation).get("eos_token_id", eos)
-    if eos is None:
-        return None
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 @dataclass
@@ -95,34 +31,30 @@ class Response:
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length", on the last response
 
 
-def _prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt: Union[str, list]) -> list:
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt) -> list:
+    """The prompt as token ids: a string is encoded as is, a list (or array) of ids is checked
+    against the target's vocabulary (an id outside it would index past the embedding)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+        vocab = pair.view.args.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise MTPError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got {t!r}")
+    else:
+        raise MTPError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     if not ids:
         raise MTPError("the prompt is empty")
-    context = pair.view.args.max_position_embeddings
-    if len(ids) >= context:
-        raise MTPError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+    fit_max_tokens(len(ids), 0, pair.view.args.max_position_embeddings)
     return ids
 
 
-def _draft_policy(pair: Pair, num_draft_tokens):
-    if num_draft_tokens == "adaptive":
-        # one controller per pair: what it learnt of costs and acceptance carries over between calls
-        if pair.adaptive is None:
-            pair.adaptive = AdaptiveDraft(max_k=8)
-        return pair.adaptive
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
-        raise MTPError(f"num_draft_tokens must be a whole number or 'adaptive', got {num_draft_tokens!r}")
-    check_draft_tokens(num_draft_tokens)
-    return num_draft_tokens
-
-
-def stream_generate(
+def make_request(
     pair: Pair,
     tokenizer: TokenizerWrapper,
-    prompt: Union[str, list],
+    prompt_length: int,
     max_tokens: int = 256,
-    num_draft_tokens: Union[int, str] = "adaptive",
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -134,49 +66,152 @@ def stream_generate(
     sampler: Optional[Callable] = None,
     logits_processors: Optional[list] = None,
     prompt_cache: Optional[PromptCache] = None,
+    draft_filter: Optional[Callable] = None,
+) -> Request:
+    """One row's settings, checked; max_tokens is shortened to what the context leaves."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise MTPError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+    max_tokens = fit_max_tokens(prompt_length, max_tokens, pair.view.args.max_position_embeddings)
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise MTPError(f"prompt_cache must come from make_prompt_cache(pair), got {type(prompt_cache).__name__}")
+    if logits_processors is not None and not isinstance(logits_processors, (list, tuple)):
+        raise MTPError("logits_processors must be a list of callables")
+    processors = list(logits_processors or [])
+    if repetition_penalty is not None:
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+                or not 0 < repetition_penalty < float("inf"):
+            raise MTPError(f"repetition_penalty must be a number > 0, got {repetition_penalty!r}")
+        if isinstance(repetition_context_size, bool) or not isinstance(repetition_context_size, int) \
+                or repetition_context_size < 1:
+            raise MTPError(f"repetition_context_size must be a whole number >= 1, got {repetition_context_size!r}")
+        processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    sampling = Sampling(temperature, top_p, top_k, min_p, sampler=sampler, logits_processors=processors, seed=seed)
+    return Request(max_tokens, sampling, frozenset(tokenizer.eos_token_ids or ()), prompt_cache, draft_filter)
+
+
+def _engine(pair: Pair, num_draft_tokens) -> Engine:
+    if not isinstance(pair, Pair):
+        raise MTPError(f"pair must be a Pair from load(), got {type(pair).__name__}")
+    return Engine(pair, check_draft_tokens(num_draft_tokens) if pair.drafter is not None else 0)
+
+
+def stream_generate(
+    pair: Pair,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, list],
+    max_tokens: int = 256,
+    num_draft_tokens: Union[int, str] = "adaptive",
+    **kwargs,
 ) -> Iterator[Response]:
     """Yield a Response per generated token; the last one carries `stats` and `finish_reason`.
 
+    Keyword arguments (see `make_request`): temperature, top_p, top_k, min_p,
+    repetition_penalty, repetition_context_size, seed, sampler, logits_processors, prompt_cache.
     Sampling arguments mean what they mean in mlx-lm (`sampler` / `logits_processors` built with
     mlx_lm.sample_utils are accepted too); temperature 0 is greedy. With a drafter, the output
     follows the target's own distribution exactly. `prompt_cache` (from `make_prompt_cache`) keeps
     the KV cache between calls: pass the whole conversation each time and only what the cache does
     not already hold is computed.
     """
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise MTPError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-    policy = _draft_policy(pair, num_draft_tokens)
-    processors = list(logits_processors or [])
-    if repetition_penalty is not None:
-        if not repetition_penalty > 0:
-            raise MTPError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-        processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
-    sampling = Sampling(temperature, top_p, top_k, min_p, sampler=sampler, logits_processors=processors, seed=seed)
-    ids = _prompt_ids(pair, tokenizer, prompt)
-    eos = set(tokenizer.eos_token_ids)
-    stats = Stats()
+    engine = _engine(pair, num_draft_tokens)
+    ids = prompt_ids(pair, tokenizer, prompt)
+    request = make_request(pair, tokenizer, len(ids), max_tokens, **kwargs)
+    if request.max_tokens == 0:
+        return
+    uid = engine.insert(ids, request)
+    stats = engine.rows[uid].stats
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     last = None
-    tokens = generate_tokens(pair, ids, max_tokens, policy, eos, stats, sampling, prompt_cache)
-    for token, from_draft in tokens:
-        if last is not None:
-            yield last
-        if token in eos:
-            last = Response("", token, from_draft, finish_reason="stop")
-            break
-        detokenizer.add_token(token)
-        last = Response(detokenizer.last_segment, token, from_draft)
-    tokens.close()  # settles the prompt cache before the caller sees the last response
-    if last is None:
-        return
-    detokenizer.finalize()
-    last.text += detokenizer.last_segment
-    last.finish_reason = last.finish_reason or "length"
-    last.stats = stats
+    try:
+        while engine.busy:
+            for event in engine.step():
+                for token, from_draft in zip(event.tokens, event.from_draft):
+                    if last is not None:
+                        yield last
+                    if token in request.eos_ids:
+                        last = Response("", token, from_draft)
+                        continue
+                    detokenizer.add_token(token)
+                    last = Response(detokenizer.last_segment, token, from_draft)
+                if event.finish_reason:
+                    detokenizer.finalize()
+                    last.text += detokenizer.last_segment
+                    last.finish_reason, last.stats = event.finish_reason, stats
+    finally:
+        engine.remove(uid)  # a caller that stops early: the prompt cache keeps what was computed
     yield last
 
 
 def generate(pair: Pair, tokenizer: TokenizerWrapper, prompt: Union[str, list], **kwargs) -> str:
     """The whole text of `stream_generate` (same arguments)."""
     return "".join(r.text for r in stream_generate(pair, tokenizer, prompt, **kwargs))
+
+
+@dataclass
+class BatchResponse:
+    texts: list  # per prompt
+    tokens: list  # token ids per prompt (an EOS id that stopped a row is included)
+    finish_reasons: list
+    stats: list  # a Stats per prompt
+    total: dict = field(default_factory=dict)  # generated_tokens, seconds, tokens_per_second, rounds
+
+
+def batch_generate(
+    pair: Pair,
+    tokenizer: TokenizerWrapper,
+    prompts: list,
+    max_tokens: Union[int, list] = 256,
+    num_draft_tokens: Union[int, str] = "adaptive",
+    max_batch: Optional[int] = None,
+    **kwargs,
+) -> BatchResponse:
+    """Generate for several prompts as rows of one batch (each row's output is what
+    `generate` gives it alone). `max_tokens` and every keyword of `make_request` may be one value
+    for all rows or a list with one per prompt; `prompt_cache` is per prompt (a list). At most
+    `max_batch` rows decode at once (default: all); the others join as rows finish."""
+    engine = _engine(pair, num_draft_tokens)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise MTPError("prompts must be a non-empty list of prompts")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise MTPError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+    n = len(prompts)
+
+    def per_row(name, value):
+        if name != "logits_processors" and isinstance(value, (list, tuple)) or \
+                name == "logits_processors" and value and isinstance(value[0], (list, tuple)):
+            if len(value) != n:
+                raise MTPError(f"{name} lists {len(value)} values for {n} prompts")
+            return list(value)
+        if name == "prompt_cache" and value is not None:
+            raise MTPError("prompt_cache must be a list with one per prompt")
+        return [value] * n
+
+    ids = [prompt_ids(pair, tokenizer, p) for p in prompts]
+    columns = {name: per_row(name, v) for name, v in {"max_tokens": max_tokens, **kwargs}.items()}
+    requests = [
+        make_request(pair, tokenizer, len(ids[i]), **{name: col[i] for name, col in columns.items()})
+        for i in range(n)
+    ]
+    tokens, finish, stats = [[] for _ in range(n)], [None] * n, [Stats() for _ in range(n)]
+    row_of, pending = {}, list(range(n))
+    limit = max_batch or n
+    start = time.perf_counter()
+    while pending or engine.busy:
+        while pending and len(engine.rows) < limit:
+            i = pending.pop(0)
+            if requests[i].max_tokens == 0:
+                finish[i] = "length"
+                continue
+            uid = engine.insert(ids[i], requests[i])
+            row_of[uid], stats[i] = i, engine.rows[uid].stats
+        for event in engine.step():
+            i = row_of[event.uid]
+            tokens[i] += event.tokens
+            finish[i] = event.finish_reason or finish[i]
+    seconds = time.perf_counter() - start
+    texts = [tokenizer.decode([t for t in row if t not in requests[i].eos_ids]) for i, row in enumerate(tokens)]
+    generated = sum(len(t) for t in tokens)
+    total = {"generated_tokens": generated, "seconds": seconds,
+             "tokens_per_second": generated / seconds if seconds else 0.0, "rounds": engine._rounds}
+    return BatchResponse(texts, tokens, finish, stats, total)

@@ -152,17 +152,59 @@ def normalize_target_config(config: dict) -> dict:
     return out
 
 
+# transformers' Gemma4AssistantConfig defaults
+DRAFT_DEFAULTS = {"use_ordered_embeddings": False, "num_centroids": 2048, "centroid_intermediate_top_k": 32}
+# An assistant has no per-layer inputs; a writer that leaves these out still means 0.
+DRAFT_TEXT_DEFAULTS = {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}
+DRAFT_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
 def normalize_draft_config(config: dict) -> dict:
+    """The drafter's config with every field filled and checked: what DrafterArgs is built from."""
     model_type = config.get("model_type")
     if model_type not in DRAFT_TYPES:
         raise MTPError(
             f"unsupported drafter model type '{model_type}': expected one of {', '.join(DRAFT_TYPES)}"
         )
+    if not isinstance(config.get("text_config"), dict) or not isinstance(config.get("backbone_hidden_size"), int):
+        raise MTPError("drafter config needs a text_config and an integer backbone_hidden_size")
     out = copy.deepcopy(config)
-    text = dict(out.get("text_config") or {})
-    text.setdefault("num_kv_shared_layers", text.get("num_hidden_layers"))
-    out["text_config"] = normalize_text_config(text, model_type == "gemma4_unified_assistant", role="drafter")
+    for key, value in DRAFT_DEFAULTS.items():
+        if out.get(key) is None:
+            out[key] = value
+    text = out["text_config"]
+    for key, value in DRAFT_TEXT_DEFAULTS.items():
+        if text.get(key) is None:
+            text[key] = value
+    if text.get("vocab_size") is None and out.get("vocab_size") is not None:
+        text["vocab_size"] = out["vocab_size"]
+    text = normalize_text_config(text, model_type == "gemma4_unified_assistant", role="drafter")
+    n = text["num_hidden_layers"]
+    # transformers' Gemma4AssistantConfig: an unset or 0 count means every layer is shared
+    text["num_kv_shared_layers"] = text["num_kv_shared_layers"] or n
+    out["text_config"] = text
+    check_draft_config(out)
     return out
+
+
+def check_draft_config(config: dict) -> None:
+    """What a drafter (normalized config) must be for us to run it."""
+    text = config["text_config"]
+    n = text["num_hidden_layers"]
+    if any(t not in DRAFT_LAYER_TYPES for t in text["layer_types"]):
+        raise MTPError(f"drafter config: bad layer_types {text['layer_types']}")
+    if text["hidden_size_per_layer_input"]:
+        raise MTPError("drafter config: per-layer inputs (hidden_size_per_layer_input) are not supported")
+    if text["enable_moe_block"]:
+        raise MTPError("drafter config: MoE blocks are not supported in a drafter")
+    if text["num_kv_shared_layers"] != n:
+        raise MTPError(f"drafter config: every layer must be KV-shared, got {text['num_kv_shared_layers']} of {n}")
+    if text.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise MTPError(f"drafter config: unsupported activation {text['hidden_activation']!r}")
+    if config["use_ordered_embeddings"]:
+        vocab, c, k = text["vocab_size"], config["num_centroids"], config["centroid_intermediate_top_k"]
+        if c <= 0 or vocab % c or not 0 < k <= c:
+            raise MTPError(f"drafter config: vocab {vocab}, num_centroids {c}, top_k {k} do not fit together")
 
 
 def attention_shapes(text: dict) -> dict:
@@ -201,5 +243,3 @@ def validate_pair(target: dict, draft: dict) -> None:
                 f"incompatible pair: the drafter's {kind} layers expect K/V of (head_dim, kv_heads) "
                 f"{d_shapes[kind]}, the target produces {t_shapes[kind]}"
             )
-    if draft.get("use_ordered_embeddings") and d_text["vocab_size"] % draft.get("num_centroids", 2048):
-        raise MTPError("drafter: vocab_size is not a multiple of num_centroids")

@@ -67,20 +67,22 @@ def held_out_prompts(count: int, min_chars: int = 2000, prompt_lines: int = 12) 
 
 
 def demo_available() -> bool:
-    return (PAIR_DIR / "mtp.json").is_file()
+    from .checkpoint import has_manifest
+
+    return has_manifest(PAIR_DIR)
 
 
-def load_demo():
-    """The bundled pair. Shipped in bfloat16 to stay small; on the CPU it computes in float32
-    (MLX's CPU matmuls are fast in float32 only)."""
+def load_demo(draft: bool = True):
+    """The bundled pair (without its drafter if not `draft`). Shipped in bfloat16 to stay small;
+    on the CPU it computes in float32 (MLX's CPU matmuls are fast in float32 only)."""
     import mlx.core as mx
 
-    from .api import load
+    from .loading import load
     from .errors import MTPError
 
     if not demo_available():
         raise MTPError(f"the demo pair is missing from {PAIR_DIR} (rebuild it: python demo/build.py)")
-    pair, tokenizer = load(str(PAIR_DIR))
+    pair, tokenizer = load(str(PAIR_DIR), draft=draft)
     if mx.default_device() == mx.cpu:
         pair.target.set_dtype(mx.float32)
         if pair.drafter is not None:

@@ -13,7 +13,6 @@ One draft step (reference: transformers' `Gemma4AssistantForCausalLM.forward`):
     hidden = post_projection(h)   # -> the next step's `hidden`
 """
 
-import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,87 +20,55 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from mlx_lm.models import gemma4_text
 
-from .config import normalize_text_config
+from .checkpoint import load_tensors, read_config, weight_files
+from .config import normalize_draft_config
 from .errors import MTPError
-
-MODEL_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
-LAYER_TYPES = ("sliding_attention", "full_attention")
 
 SharedKV = Dict[str, Tuple[mx.array, mx.array]]
 
 
-def text_model_args(text_config: dict, unified: bool = False) -> gemma4_text.ModelArgs:
-    """mlx-lm Gemma 4 text args for the drafter's decoder stack (every layer KV-shared)."""
-    n = text_config.get("num_hidden_layers", 4)
-    # An assistant's config states these as 0/False; when a writer leaves them out they still are.
-    tc = {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0, "num_hidden_layers": n}
-    tc.update(text_config)
-    tc["num_kv_shared_layers"] = tc.get("num_kv_shared_layers") or n  # transformers turns 0 into "all"
-    tc = normalize_text_config(tc, unified, role="drafter config")
-    if any(t not in LAYER_TYPES for t in tc["layer_types"]):
-        raise MTPError(f"drafter config: bad layer_types {tc['layer_types']}")
-    if tc["hidden_size_per_layer_input"]:
-        raise MTPError("drafter config: per-layer inputs (hidden_size_per_layer_input) are not supported")
-    if tc["enable_moe_block"]:
-        raise MTPError("drafter config: MoE blocks are not supported in a drafter")
-    if tc["num_kv_shared_layers"] != n:
-        raise MTPError(f"drafter config: every layer must be KV-shared, got {tc['num_kv_shared_layers']} of {n}")
-    if tc.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise MTPError(f"drafter config: unsupported activation {tc['hidden_activation']!r}")
+def text_model_args(text_config: dict) -> gemma4_text.ModelArgs:
+    """mlx-lm Gemma 4 text args for the drafter's decoder stack, from its normalized text config."""
     # double-wide MLPs only apply after a non-shared prefix, which a drafter has not;
     # the drafter's head has no softcap
-    tc.update(use_double_wide_mlp=False, final_logit_softcapping=None)
-    return gemma4_text.ModelArgs.from_dict(tc)
+    return gemma4_text.ModelArgs.from_dict(
+        {**text_config, "use_double_wide_mlp": False, "final_logit_softcapping": None}
+    )
 
 
 @dataclass
 class DrafterArgs:
+    """Built from a normalized config (`config.normalize_draft_config`): use `from_dict`."""
+
     model_type: str
     text_config: Dict[str, Any]
     backbone_hidden_size: int
-    vocab_size: int = 262144
     use_ordered_embeddings: bool = False
     num_centroids: int = 2048
     centroid_intermediate_top_k: int = 32
     text: gemma4_text.ModelArgs = field(init=False, repr=False)
+    vocab_size: int = field(init=False)
     sliding_window: int = field(init=False)
 
     @classmethod
     def from_dict(cls, config: dict) -> "DrafterArgs":
-        model_type = config.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise MTPError(f"not a Gemma 4 drafter: model_type {model_type!r}, expected one of {MODEL_TYPES}")
-        text_config = config.get("text_config")
-        if not isinstance(text_config, dict) or "backbone_hidden_size" not in config:
-            raise MTPError("drafter config needs a text_config and backbone_hidden_size")
+        config = normalize_draft_config(config)
         return cls(
-            model_type=model_type,
-            text_config=text_config,
+            model_type=config["model_type"],
+            text_config=config["text_config"],
             backbone_hidden_size=config["backbone_hidden_size"],
-            vocab_size=text_config.get("vocab_size", config.get("vocab_size", 262144)),
-            use_ordered_embeddings=bool(config.get("use_ordered_embeddings", False)),
-            num_centroids=config.get("num_centroids", 2048),
-            centroid_intermediate_top_k=config.get("centroid_intermediate_top_k", 32),
+            use_ordered_embeddings=bool(config["use_ordered_embeddings"]),
+            num_centroids=config["num_centroids"],
+            centroid_intermediate_top_k=config["centroid_intermediate_top_k"],
         )
 
     def __post_init__(self):
-        self.text = text_model_args(
-            {**self.text_config, "vocab_size": self.vocab_size}, self.model_type == "gemma4_unified_assistant"
-        )
-        window = self.text_config.get("sliding_window", 512)
-        # transformers' config halves the window when everything is bidirectional
-        if self.text_config.get("use_bidirectional_attention") == "all":
-            window = window // 2 + 1
-        self.sliding_window = window
-        if self.use_ordered_embeddings:
-            c, k = self.num_centroids, self.centroid_intermediate_top_k
-            if c <= 0 or self.vocab_size % c or not 0 < k <= c:
-                raise MTPError(
-                    f"drafter config: vocab {self.vocab_size}, num_centroids {c}, top_k {k} do not fit together"
-                )
+        self.text = text_model_args(self.text_config)
+        self.vocab_size = self.text.vocab_size
+        self.sliding_window = self.text.sliding_window
 
 
 class TextModel(nn.Module):
@@ -219,13 +186,15 @@ class Drafter(nn.Module):
         logits = (h[..., None, :] @ rows.swapaxes(-1, -2)).squeeze(-2)
         return ids, logits
 
-    def logits(self, h: mx.array) -> mx.array:
+    def logits(self, h: mx.array, per_row: bool = False) -> mx.array:
         """Full-vocabulary logits [B, L, V] for sampling; h is the normed hidden state."""
         if not self.args.use_ordered_embeddings:
             return self.model.embed_tokens.as_linear(h)
         ids, sel = self._selected(h)
-        # reference: unselected tokens get (min over all selected logits of the batch) - 1
-        fill = (sel.min() - 1).astype(sel.dtype)
+        # reference: unselected tokens get (min over all selected logits of the batch) - 1;
+        # `per_row`: over each row's own, so that a row's q does not depend on its batch
+        fill = (sel.min(axis=(-2, -1), keepdims=True) if per_row else sel.min()) - 1
+        fill = fill.astype(sel.dtype)
         out = mx.broadcast_to(fill, (*sel.shape[:-1], self.args.vocab_size))
         return mx.put_along_axis(out, ids, sel, axis=-1)
 
@@ -292,20 +261,6 @@ def quantize_like(model: Drafter, config: dict, weights: Dict[str, mx.array]) ->
     nn.quantize(model, class_predicate=predicate)
 
 
-def _read_weights(path: Path) -> Dict[str, mx.array]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({str(path / f) for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(glob.glob(str(path / "*.safetensors")))
-    if not files:
-        raise MTPError(f"no *.safetensors files in {path}")
-    weights = {}
-    for f in files:
-        weights.update(mx.load(f))
-    return weights
-
-
 def _check_keys(model: Drafter, weights: Dict[str, mx.array], where: Path) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -327,12 +282,9 @@ def _check_keys(model: Drafter, weights: Dict[str, mx.array], where: Path) -> No
 def load_drafter(path: Union[str, Path]) -> Tuple[Drafter, dict]:
     """Load a drafter folder (config.json + safetensors, HF names, optionally quantized)."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise MTPError(f"no config.json in {path}")
-    config = json.loads(config_file.read_text())
+    config = read_config(path, "drafter")
     model = Drafter(DrafterArgs.from_dict(config))
-    weights = model.sanitize(_read_weights(path))
+    weights = model.sanitize(load_tensors(weight_files(path, "drafter"), "drafter"))
     quantize_like(model, config, weights)
     _check_keys(model, weights, path)
     if "masked_embedding.token_ordering" in weights:

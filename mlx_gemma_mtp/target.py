@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 
 from .cache import make_target_cache
@@ -23,8 +24,13 @@ class TargetView:
     def args(self):
         return self.text.args
 
-    def make_cache(self, slack: int) -> list:
-        return make_target_cache(self.args, slack)
+    def make_cache(self, batch: int = 1) -> list:
+        return make_target_cache(self.args, batch)
+
+    def whole_cache(self) -> list:
+        """mlx-lm's plain caches, one per non-KV-shared layer: every position's K/V in order (one
+        forward over a training batch reads them all)."""
+        return [KVCache() for _ in range(self.args.num_hidden_layers - self.args.num_kv_shared_layers)]
 
     def hidden(self, tokens: mx.array, cache: list) -> mx.array:
         """Final-norm hidden states [B, L, H] for `tokens` [B, L], appending to `cache`."""
@@ -41,34 +47,15 @@ class TargetView:
         """The scaled token embedding the drafter concatenates with the hidden state."""
         return self.text.model.embed_tokens(tokens) * self.text.model.embed_scale
 
-    def shared_kv(self, cache: list, window: int) -> dict:
-        """The K/V the drafter attends to: every cached token of the last full and sliding producers."""
-        full = cache[self.producers["full_attention"]]
-        keys, values = full.keys[..., : full.offset, :], full.values[..., : full.offset, :]
-        return {
-            "full_attention": (keys, values),
-            "sliding_attention": cache[self.producers["sliding_attention"]].last(window),
-        }
-
-    def shared_kv_bucketed(self, cache: list, window: int, bucket: int = 64) -> tuple:
-        """`shared_kv` with shapes that change every `bucket` tokens instead of every round, for the
-        compiled draft step: the full layer's K/V up to the next multiple of `bucket` with a mask
-        [1, 1, 1, T] of the cached entries; the sliding layer's last `window` entries (or, while
-        fewer are cached, a bucketed prefix and its mask). Masks are None where all are visible."""
-
-        def prefix(c, n):
-            size = min(-(-n // bucket) * bucket, c.keys.shape[2])
-            mask = None if size == n else (mx.arange(size) < n)[None, None, None]
-            return (c.keys[..., :size, :], c.values[..., :size, :]), mask
-
+    def shared_kv(self, cache: list, window: int) -> tuple:
+        """The K/V the drafter attends to and their masks [B, 1, 1, T] (True = read): every
+        accepted token of the last full producer, the last `window` accepted tokens of the last
+        sliding producer. Whole buffers with masks, so the shapes change only when a full buffer
+        grows and the compiled draft step is rarely traced again."""
         full = cache[self.producers["full_attention"]]
         sliding = cache[self.producers["sliding_attention"]]
-        kv, masks = {}, {}
-        kv["full_attention"], masks["full_attention"] = prefix(full, full.offset)
-        if sliding.end >= window:
-            kv["sliding_attention"], masks["sliding_attention"] = sliding.last(window), None
-        else:  # nothing dropped yet: the buffer starts at the first token
-            kv["sliding_attention"], masks["sliding_attention"] = prefix(sliding, sliding.end)
+        kv = {"full_attention": (full.keys, full.values), "sliding_attention": (sliding.keys, sliding.values)}
+        masks = {"full_attention": full.visible(), "sliding_attention": sliding.visible(window)}
         return kv, masks
 
 

@@ -14,9 +14,6 @@ round would have stopped there, so only the matching case matters for acceptance
 """
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
+from .checkpoint import DTYPE_NAMES, cast_floats, output_folder, with_dtype
 from .config import normalize_target_config, text_config_of
 from .drafter import Drafter, DrafterArgs, load_drafter
 from .errors import MTPError
@@ -105,7 +103,7 @@ def split_stream(stream: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.n
 def target_features(view: TargetView, tokens: mx.array) -> dict:
     """One target forward over tokens [B, L]: final-norm hidden states, log-probabilities of the
     next token at every position, and the producers' K/V at every position (no gradients)."""
-    cache = view.make_cache(slack=tokens.shape[1])  # sliding caches keep the whole window
+    cache = view.whole_cache()
     hidden = view.hidden(tokens, cache)
     logits = view.logits(hidden).astype(mx.float32)
     full, sliding = (cache[view.producers[kind]] for kind in ("full_attention", "sliding_attention"))
@@ -115,7 +113,7 @@ def target_features(view: TargetView, tokens: mx.array) -> dict:
         "log_p": logits - mx.logsumexp(logits, axis=-1, keepdims=True),
         "kv": {
             "full_attention": (full.keys[..., : full.offset, :], full.values[..., : full.offset, :]),
-            "sliding_attention": (sliding.keys[..., : sliding.end, :], sliding.values[..., : sliding.end, :]),
+            "sliding_attention": (sliding.keys[..., : sliding.offset, :], sliding.values[..., : sliding.offset, :]),
         },
     }
     return features  # computed outside value_and_grad: no gradients reach the target
@@ -253,12 +251,8 @@ def new_drafter(target_config: dict, view: TargetView, layers: int, hidden: int,
         drafter.model.embed_tokens.weight = weight.astype(mx.float32)
     else:
         drafter.model.embed_tokens.weight = mx.random.normal(weight.shape[:1] + (hidden,)) * hidden**-0.5
-    drafter.update(tree_map_float32(drafter.parameters()))
+    drafter.update(cast_floats(drafter.parameters(), mx.float32))
     return drafter, config
-
-
-def tree_map_float32(params):
-    return tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, params)
 
 
 def init_drafter(path: str):
@@ -267,7 +261,7 @@ def init_drafter(path: str):
 
     drafter, config = load_drafter(path)
     dequantize_model(drafter)
-    drafter.update(tree_map_float32(drafter.parameters()))
+    drafter.update(cast_floats(drafter.parameters(), mx.float32))
     drafter.train()
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     return drafter, config
@@ -284,8 +278,7 @@ def save_google_layout(drafter: Drafter, config: dict, out: Path, dtype=mx.float
             weights[name] = value.astype(dtype)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
-    config = dict(config)
-    config["dtype"] = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}[dtype]
+    config = with_dtype(config, DTYPE_NAMES[dtype])
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -368,22 +361,10 @@ def train(
 
 def write_drafter(drafter: Drafter, config: dict, out: Path, force: bool, extra: Optional[dict] = None) -> None:
     """Atomically: a finished folder appears at `out`, or nothing does."""
-    from .convert import current_umask, replace_dir
-
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MTPError(f"output '{out}' already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    try:
+    with output_folder(out, force) as tmp:
         save_google_layout(drafter, config, tmp)
         if extra is not None:
             (tmp / "training.json").write_text(json.dumps(extra, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def default_shape(target_hidden: int) -> tuple[int, int, int]:

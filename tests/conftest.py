@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import reference_models
+from mlx_gemma_mtp import load
+from mlx_gemma_mtp.convert import QuantSpec, convert
 
 # The reference models are tiny: intra-op threads cost more than they save, and on a shared
 # 2-core machine they contend with everything else (measured 3-8x slower with the default).
@@ -42,5 +44,34 @@ def mlx_community_drafter(reference_pair, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"mlx-community-{variant}-{bits}bit-{config_style}")
             cache[key] = reference_models.write_mlx_community_drafter(draft_dir, out / "drafter", bits=bits)
         return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pair_dir(reference_pair, tmp_path_factory):
+    """pair_dir(variant, bits=None) -> converted pair folder (float32, or target quantized)."""
+    cache = {}
+
+    def make(variant, bits=None):
+        if (variant, bits) not in cache:
+            target, draft = reference_pair(variant)
+            out = tmp_path_factory.mktemp("engine") / f"{variant}-{bits}"
+            quant = QuantSpec(bits, 64, "affine") if bits else None
+            convert(str(target), out, draft=str(draft), quantization=quant, dtype="float32", progress=False)
+            cache[(variant, bits)] = out
+        return cache[(variant, bits)]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loaded(pair_dir):
+    cache = {}
+
+    def make(variant, bits=None):
+        if (variant, bits) not in cache:
+            cache[(variant, bits)] = load(str(pair_dir(variant, bits)))
+        return cache[(variant, bits)]
 
     return make

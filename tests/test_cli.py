@@ -42,6 +42,13 @@ def run_cli(*args, input=None, env=None, stdin=None):
                           env=env, timeout=120)
 
 
+def run_bytes(*args, input=b""):
+    """Run the command with bytes as arguments and stdin (which need not be UTF-8)."""
+    result = subprocess.run([GEMMA_MTP, *args], input=input, capture_output=True, timeout=120)
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(errors="replace"),
+                                       result.stderr.decode(errors="replace"))
+
+
 def edited_copy(pair, folder, change):
     """A copy of the pair whose target config.json went through `change`."""
     copy = shutil.copytree(pair, folder)
@@ -66,6 +73,7 @@ BAD_VALUES = {
     "repetition-penalty": (["--repetition-penalty", "0"], "--repetition-penalty"),
     "draft-negative": (["--num-draft-tokens", "-2"], "--num-draft-tokens"),
     "draft-word": (["--num-draft-tokens", "lots"], "--num-draft-tokens"),
+    "draft-too-many": (["--num-draft-tokens", "17"], "between 0 and 16"),
 }
 
 
@@ -249,6 +257,34 @@ def test_bad_values(results, name):
 )
 def test_bad_input(results, name, fragment):
     assert_one_line_error(results[name], fragment)
+
+
+def test_draft_length_beyond_the_limit_fails_before_loading():
+    # refused while the command line is parsed: the demo pair is neither loaded nor its prompt echoed
+    result = run_cli("generate", "--demo", "--prompt", "x", "--num-draft-tokens", "99")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--num-draft-tokens", "between 0 and 16", "99")
+    assert result.stdout == ""
+
+
+def test_stdin_that_is_not_utf8():
+    result = run_bytes("generate", "--demo", input=b"caf\xe9")
+    assert_one_line_error(result, "stdin is not UTF-8", "0xe9", "offset 3")
+    assert result.stdout == ""
+
+
+def test_prompt_argument_that_is_not_utf8():
+    # Python decodes argv with surrogateescape: the bytes reach the command as lone surrogates
+    result = run_bytes("generate", "--demo", "--prompt", b"def caf\xe9():")
+    assert_one_line_error(result, "--prompt is not UTF-8", "0xe9", "offset 7")
+    assert result.stdout == ""
+
+
+def test_chat_stdin_that_is_not_utf8(pair):
+    # blank lines are skipped, but their bytes count toward the offset
+    result = run_bytes("chat", "--model", str(pair), "--max-tokens", "3", input=b"\n\ncaf\xe9 au lait\n")
+    assert_one_line_error(result, "stdin is not UTF-8", "0xe9", "offset 5")
+    assert result.stdout == ""
 
 
 def test_uncached_hub_id_offline(tmp_path):

@@ -13,7 +13,8 @@ from mlx_lm import load as mlx_lm_load
 
 import reference_models as ref
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.convert import MANIFEST, QuantSpec, convert, quant_spec
+from mlx_gemma_mtp.checkpoint import MANIFEST
+from mlx_gemma_mtp.convert import QuantSpec, convert, quant_spec
 from mlx_gemma_mtp.drafter import load_drafter
 from mlx_gemma_mtp.errors import MTPError
 
@@ -175,3 +176,24 @@ def test_target_only_conversion(reference_pair, tmp_path):
     manifest = json.loads((tmp_path / "p" / MANIFEST).read_text())
     assert manifest["draft"] is None and not (tmp_path / "p" / "draft").exists()
     assert manifest["target"]["dtype"] == "float32"  # the checkpoint's own dtype by default
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_manifest_and_configs_say_what_was_written(dtype, reference_pair, tmp_path):
+    from mlx_gemma_mtp.checkpoint import DTYPE_NAMES, read_manifest
+
+    target, draft = reference_pair("e2b")  # a float32 checkpoint: bfloat16 is a cast
+    out = tmp_path / "p"
+    convert(str(target), out, draft=str(draft), dtype=dtype, progress=False)
+    manifest = read_manifest(out)
+    # a local source by its folder name only: no path of the converting machine
+    assert manifest["target"]["source"] == target.name and manifest["draft"]["source"] == draft.name
+    for part in ("target", "draft"):
+        config = json.loads((out / part / "config.json").read_text())
+        floats = {
+            DTYPE_NAMES[v.dtype]
+            for f in (out / part).glob("*.safetensors")
+            for v in mx.load(str(f)).values()
+            if mx.issubdtype(v.dtype, mx.floating)
+        }
+        assert floats == {dtype} and config["dtype"] == dtype and manifest[part]["dtype"] == dtype, part

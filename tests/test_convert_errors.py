@@ -1,5 +1,6 @@
 """Bad input to the converter: one clear line, a non-zero exit, nothing written."""
 
+import errno
 import json
 import os
 import shutil
@@ -184,7 +185,7 @@ def test_failure_while_writing_leaves_nothing(reference_pair, tmp_path, monkeypa
 
     monkeypatch.setattr(convert_module, "save_drafter", broken_save)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MTPError, match=f"cannot write '{out}': disk full"):
         convert(str(target), out, draft=str(draft), progress=False)
     assert_nothing_written(out)
 
@@ -199,7 +200,7 @@ def test_failure_while_replacing_keeps_the_old_output(reference_pair, tmp_path, 
         raise OSError("disk full")
 
     monkeypatch.setattr(convert_module, "save_target", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(MTPError, match="disk full"):
         convert(str(target), out, force=True, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -322,3 +323,79 @@ def test_cli_cached_hub_repos_convert_offline(reference_pair, tmp_path):
     manifest = json.loads((out / "mtp.json").read_text())
     assert manifest["target"]["source"] == "google/gemma-4-E2B-it"
     assert manifest["draft"]["source"] == "google/gemma-4-E2B-it-assistant"
+
+
+# Output paths that cannot be written: one line naming the path given and the cause.
+
+
+def invoke(*args):
+    """The CLI in this process (so a test can inject a failure): (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from mlx_gemma_mtp.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_error_line(code, stderr, *fragments):
+    assert code != 0
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr and ".partial" not in stderr and "unexpected" not in stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/somewhere/.out.x.partial/model.safetensors")
+
+
+def test_cli_full_disk(reference_pair, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    target, draft = reference_pair("e2b")
+    out = tmp_path / "out"
+    monkeypatch.setattr(mx, "save_safetensors", enospc)  # the first weight file written
+    code, _, stderr = invoke("convert", "--target", target, "--draft", draft, "--out", out)
+    assert_one_error_line(code, stderr, f"'{out}'", "no space left on device")
+    assert_nothing_written(out)
+
+
+def test_cli_read_only_folder(reference_pair, tmp_path, monkeypatch):
+    import tempfile
+
+    def read_only(*args, **kwargs):  # what mkdtemp meets in a read-only folder (chmod binds no root)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / ".out.x.partial"))
+
+    target, _ = reference_pair("e2b")
+    out = tmp_path / "out"
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    code, _, stderr = invoke("convert", "--target", target, "--out", out)
+    assert_one_error_line(code, stderr, f"'{out}'", "read-only file system")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file", "deep_under_a_file"])
+def test_cli_unwritable_output(where, reference_pair, tmp_path):
+    target, _ = reference_pair("e2b")
+    (tmp_path / "file").write_text("x")
+    out = {
+        "proc": Path("/proc/gemma-mtp-out"),
+        "under_a_file": tmp_path / "file" / "out",
+        "deep_under_a_file": tmp_path / "file" / "a" / "out",
+    }[where]
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("convert", "--target", str(target), "--out", str(out))
+    assert_one_line_error(result, f"'{out}'")
+    assert "file, not a folder" in result.stderr if where != "proc" else "does not allow new folders" in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before and not out.exists()
+
+
+def test_new_parent_folders_go_when_writing_fails(reference_pair, tmp_path, monkeypatch):
+    target, _ = reference_pair("e2b")
+    out = tmp_path / "new" / "deeper" / "out"
+    monkeypatch.setattr(convert_module, "save_target", enospc)
+    with pytest.raises(MTPError, match="no space left on device"):
+        convert(str(target), out, progress=False)
+    assert list(tmp_path.iterdir()) == []

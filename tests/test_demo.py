@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mlx_gemma_mtp import demo
-from mlx_gemma_mtp.decode import Pair, Stats, generate_tokens
+from mlx_gemma_mtp.decode import Pair, Stats
+from mlx_gemma_mtp.engine import generate_tokens
 
 GEMMA_MTP = str(Path(sys.executable).parent / "gemma-mtp")
 
@@ -24,6 +25,22 @@ def test_demo_pair_is_shipped_and_small():
     assert sum(f.stat().st_size for f in files) <= 20 * 10**6
     manifest = json.loads((demo.PAIR_DIR / "mtp.json").read_text())
     assert manifest["draft"] is not None
+
+
+def test_demo_metadata_describes_the_shipped_files():
+    import mlx.core as mx
+
+    from mlx_gemma_mtp.checkpoint import DTYPE_NAMES, read_manifest
+
+    manifest = read_manifest(demo.PAIR_DIR)
+    for part in ("target", "draft"):
+        record = manifest[part]
+        # no path of the machine that built it
+        assert not Path(record["source"]).is_absolute() and "/" not in record["source"]
+        config = json.loads((demo.PAIR_DIR / record["path"] / "config.json").read_text())
+        weights = mx.load(str(demo.PAIR_DIR / record["path"] / "model.safetensors"))
+        dtypes = {DTYPE_NAMES[v.dtype] for v in weights.values()}
+        assert dtypes == {config["dtype"]} == {record["dtype"]}, part
 
 
 def test_held_out_split_is_disjoint_and_stable():

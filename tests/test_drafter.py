@@ -15,6 +15,7 @@ from transformers.models.gemma4_unified_assistant import (
     Gemma4UnifiedAssistantForCausalLM,
 )
 
+from mlx_gemma_mtp.config import normalize_draft_config
 from mlx_gemma_mtp.drafter import DrafterArgs, load_drafter, save_drafter, sliding_mask
 from mlx_gemma_mtp.errors import MTPError
 
@@ -167,12 +168,66 @@ def test_config_spellings_agree(drafters):
     unified = json.loads((drafters["unified_centroid"][1] / "config.json").read_text())
     u = DrafterArgs.from_dict(unified)
     assert u.model_type == "gemma4_unified_assistant" and u.use_ordered_embeddings and u.num_centroids == 32
-    with pytest.raises(MTPError, match="model_type"):
+    with pytest.raises(MTPError, match="unsupported drafter model type 'gemma4'"):
         DrafterArgs.from_dict({**new, "model_type": "gemma4"})
     bad = json.loads(json.dumps(new))
     bad["text_config"]["per_layer_config"]["3"]["rope_theta"] = 1.0
     with pytest.raises(MTPError, match="per_layer_config"):
         DrafterArgs.from_dict(bad)
+
+
+def assistant_config(**text_changes) -> dict:
+    text = {**text_config(False), **text_changes}
+    return {"model_type": "gemma4_assistant", "backbone_hidden_size": BACKBONE, "text_config": text}
+
+
+@pytest.mark.parametrize("shared", ["missing", None, 0, 4])
+def test_num_kv_shared_layers_default_is_transformers(shared):
+    # Gemma4AssistantConfig turns an unset or 0 count into "every layer is shared"
+    changes = {} if shared == "missing" else {"num_kv_shared_layers": shared}
+    config = assistant_config(**changes)
+    if shared == "missing":
+        config["text_config"].pop("num_kv_shared_layers", None)
+    if shared is not None:  # transformers refuses null outright; we read it as unset
+        reference = Gemma4AssistantConfig(**json.loads(json.dumps(config)))
+        assert reference.text_config.num_kv_shared_layers == 4
+    assert normalize_draft_config(config)["text_config"]["num_kv_shared_layers"] == 4
+    assert DrafterArgs.from_dict(config).text.num_kv_shared_layers == 4
+
+
+def test_partly_shared_drafter_is_refused():
+    with pytest.raises(MTPError, match="every layer must be KV-shared, got 2 of 4"):
+        DrafterArgs.from_dict(assistant_config(num_kv_shared_layers=2))
+
+
+def test_bidirectional_drafter_is_refused():
+    # so DrafterArgs never needs transformers' halved window for use_bidirectional_attention='all'
+    with pytest.raises(MTPError, match="bidirectional"):
+        DrafterArgs.from_dict(assistant_config(use_bidirectional_attention="all"))
+
+
+def test_drafter_args_are_built_from_the_normalized_config():
+    raw = assistant_config(per_layer_config={"3": {"head_dim": GLOBAL_HEAD_DIM}})
+    raw["text_config"].pop("hidden_size_per_layer_input")  # an assistant's means 0 when left out
+    normalized = normalize_draft_config(raw)
+    args = DrafterArgs.from_dict(raw)
+    assert args.text_config == normalized["text_config"]
+    assert DrafterArgs.from_dict(normalized) == args  # normalizing twice changes nothing
+    assert args.sliding_window == normalized["text_config"]["sliding_window"] == WINDOW
+    assert args.text.global_head_dim == GLOBAL_HEAD_DIM and args.text.hidden_size_per_layer_input == 0
+    assert args.vocab_size == VOCAB and not args.use_ordered_embeddings and args.num_centroids == 2048
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "gemma4_assistant", "backbone_hidden_size": BACKBONE}, "text_config"),
+    ({"model_type": "gemma4_assistant", "text_config": text_config(False)}, "backbone_hidden_size"),
+    ({**assistant_config(), "use_ordered_embeddings": True, "num_centroids": 30}, "do not fit together"),
+    (assistant_config(layer_types=["sliding_attention"] * 3 + ["chunked_attention"]), "layer_types"),
+    (assistant_config(hidden_size_per_layer_input=16), "per-layer inputs"),
+])
+def test_bad_drafter_configs(config, message):
+    with pytest.raises(MTPError, match=message):
+        DrafterArgs.from_dict(config)
 
 
 def test_parameter_names_are_hf_names(drafters, loaded):
@@ -376,6 +431,17 @@ def test_load_rejects_bad_weights(drafters, tmp_path):
         assert key in str(err.value)
     with pytest.raises(MTPError, match="config.json"):
         load_drafter(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_load_rejects_damaged_safetensors(drafters, tmp_path, damage):
+    dest = shutil.copytree(drafters["centroid"][1], tmp_path / "d")
+    weights = dest / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 64)
+    with pytest.raises(MTPError, match="corrupt") as err:
+        load_drafter(dest)
+    assert str(weights) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_token_ordering_int32_and_int64_and_tied_extras(drafters, tmp_path):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 
-from mlx_gemma_mtp import load, make_prompt_cache
+from mlx_gemma_mtp import load
 from mlx_gemma_mtp.convert import convert
-from mlx_gemma_mtp.decode import generate_tokens
+from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.errors import MTPError
-from mlx_gemma_mtp.sampling import Sampling, log_distribution, rejection_round
+from mlx_gemma_mtp.sampling import Sampling, draw, log_distribution, rejection_verify, uniform
 
 
 def chi_square_p_value(observed: dict, expected: dict, min_expected: float = 5.0) -> float:
@@ -41,24 +41,24 @@ def log_softmax(x):
 # --- the rejection step alone, on synthetic distributions ---------------------------------------
 
 
-def test_rejection_round_preserves_the_target_distribution():
+def test_rejection_step_preserves_the_target_distribution():
+    """Every draw is a row of one call: rows differ by their seeds, so their draws are independent."""
     vocab, k, draws = 8, 2, 6000
     mx.random.seed(3)
-    log_p = [log_softmax(1.5 * mx.random.normal((1, vocab))) for _ in range(k + 1)]
-    log_q = [log_softmax(1.5 * mx.random.normal((1, vocab))) for _ in range(k)]
-    sampling = Sampling(temperature=1.0, seed=0)
-    first, second_after_accept, accepted_counts = Counter(), Counter(), Counter()
-    for seed in range(draws):
-        sampling.seed = seed
-        keys = [mx.random.key(10_000 + seed * 7 + i) for i in range(k)]
-        drafts = mx.stack([mx.random.categorical(log_q[i], key=keys[i]) for i in range(k)], axis=1)
-        accepted, tokens = rejection_round(sampling, drafts.astype(mx.int32), log_q, log_p, position=5)
-        accepted, tokens = accepted.item(), tokens[0].tolist()
-        accepted_counts[accepted] += 1
-        first[tokens[0]] += 1
-        if accepted >= 1:
-            second_after_accept[tokens[1]] += 1
-    p0, p1, q0 = (np.exp(np.array(x[0])) for x in (log_p[0], log_p[1], log_q[0]))
+    log_p = mx.concatenate([log_softmax(1.5 * mx.random.normal((1, vocab))) for _ in range(k + 1)])
+    log_q = mx.concatenate([log_softmax(1.5 * mx.random.normal((1, vocab))) for _ in range(k)])
+    seeds, positions = mx.arange(draws).astype(mx.uint32), mx.full((draws,), 5)
+    drafts = mx.stack([draw(mx.broadcast_to(log_q[j], (draws, vocab)), uniform(seeds + 10_000, positions + 1 + j, "draft"))
+                       for j in range(k)], axis=1)
+    accepted, tokens = rejection_verify(
+        mx.broadcast_to(log_p[None], (draws, k + 1, vocab)), mx.broadcast_to(log_q[None], (draws, k, vocab)),
+        drafts, seeds, positions,
+    )
+    accepted, tokens = accepted.tolist(), tokens.tolist()
+    accepted_counts = Counter(accepted)
+    first = Counter(t[0] for t in tokens)
+    second_after_accept = Counter(t[1] for t, a in zip(tokens, accepted) if a >= 1)
+    p0, p1, q0 = (np.exp(np.array(x)) for x in (log_p[0], log_p[1], log_q[0]))
     n1 = sum(second_after_accept.values())
     assert set(accepted_counts) == {0, 1, 2}  # every branch was taken
     assert chi_square_p_value(first, {t: draws * p0[t] for t in range(vocab)}) > 1e-3
@@ -89,12 +89,16 @@ SETTINGS = {
 
 
 def sample(pair, n_runs, max_tokens, k, seed0=0, **settings):
-    cache = make_prompt_cache(pair)
-    runs = []
-    for seed in range(seed0, seed0 + n_runs):
-        out = list(generate_tokens(pair, PROMPT, max_tokens, k, (), None, Sampling(seed=seed, **settings), cache))
-        runs.append(out)
-    return runs
+    """n_runs samples of (token, from_draft) lists, drawn as the rows of one batch (each row has
+    its own seed, and its draws depend on nothing else)."""
+    eng = Engine(pair, k)
+    uids = [eng.insert(PROMPT, Request(max_tokens, Sampling(seed=seed, **settings)))
+            for seed in range(seed0, seed0 + n_runs)]
+    runs = {u: [] for u in uids}
+    while eng.busy:
+        for event in eng.step():
+            runs[event.uid] += list(zip(event.tokens, event.from_draft))
+    return [runs[u] for u in uids]
 
 
 def target_log_p(pair, contexts, settings):
@@ -103,11 +107,28 @@ def target_log_p(pair, contexts, settings):
     return np.array(log_distribution(Sampling(**settings), logits))
 
 
+@pytest.fixture(scope="module")
+def mixed_runs(pair):
+    """1000 samples of every setting in SETTINGS, drawn as interleaved rows of ONE batch: rows
+    with different temperatures share every round."""
+    eng = Engine(pair, 3)
+    draws, uids = 1000, {name: [] for name in SETTINGS}
+    for i in range(draws):
+        for j, (name, settings) in enumerate(SETTINGS.items()):
+            # 5 tokens: room for a round of 3 drafts
+            uids[name].append(eng.insert(PROMPT, Request(5, Sampling(seed=j * draws + i, **settings))))
+    runs = {}
+    while eng.busy:
+        for event in eng.step():
+            runs.setdefault(event.uid, []).extend(zip(event.tokens, event.from_draft))
+    return {name: [runs[u] for u in ids] for name, ids in uids.items()}
+
+
 @pytest.mark.parametrize("name", SETTINGS)
-def test_first_drafted_position_follows_the_target(pair, name):
+def test_first_drafted_position_follows_the_target(pair, mixed_runs, name):
     """The token decided by the first MTP round, against the exact marginal sum_t1 p(t1) p(t2 | t1)."""
     settings, draws = SETTINGS[name], 1000
-    runs = sample(pair, draws, 5, 3, **settings)  # 5 tokens: room for a round of 3 drafts
+    runs = mixed_runs[name]
     p1 = np.exp(target_log_p(pair, [PROMPT], settings)[0])
     support = [int(t) for t in np.nonzero(p1 > 1e-6)[0]]
     p2 = np.exp(target_log_p(pair, [PROMPT + [t] for t in support], settings))

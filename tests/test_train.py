@@ -11,6 +11,7 @@ import reference_models as ref
 from mlx_gemma_mtp import api
 from mlx_gemma_mtp import train as t
 from mlx_gemma_mtp.convert import convert
+from mlx_gemma_mtp.cache import reserve
 from mlx_gemma_mtp.decode import Stats
 from mlx_gemma_mtp.errors import MTPError
 from test_generate import prompt_ids, reference_drafts, run
@@ -85,14 +86,16 @@ def test_training_blocks_are_the_inference_forward(target_only):
     mx.eval(drafted)
     for pos in (2, window - 1, window + 1, window + 20):
         # inference: prefix tokens[..pos], bonus tokens[pos + 1], then the drafter's own tokens
-        cache = pair.view.make_cache(slack=64)
+        cache = pair.view.make_cache()
+        reserve(cache, pos + 1)
         hidden = pair.view.hidden(tokens[:, : pos + 1], cache)[:, -1:]
-        kv = pair.view.shared_kv(cache, drafter.args.sliding_window + 1)
+        kv, masks = pair.view.shared_kv(cache, drafter.args.sliding_window + 1)
         token, state = tokens[:, pos + 1 : pos + 2], hidden
-        h, state = drafter(pair.view.embed(token), state, kv, pos + 1)
+        at = mx.array([pos + 1])
+        h, state = drafter.step(pair.view.embed(token), state, kv, masks, at)
         assert drafter.greedy_token(h).item() == drafted[0][pos].item()
         # step 2 with the text's token as input, as training feeds it
-        h, _ = drafter(pair.view.embed(tokens[:, pos + 2 : pos + 3]), state, kv, pos + 1)
+        h, _ = drafter.step(pair.view.embed(tokens[:, pos + 2 : pos + 3]), state, kv, masks, at)
         assert drafter.greedy_token(h).item() == drafted[1][pos].item()
 
 

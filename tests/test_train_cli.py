@@ -74,3 +74,45 @@ def test_bad_input_is_one_line(target, data, tmp_path, reference_pair):
                        "--layers", "2"), "--init")
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".o.*"))
+
+
+# Output paths that cannot be written: one `error:` line naming the path given, nothing left behind.
+
+
+def assert_one_error_line(code, stderr, *fragments):
+    assert code != 0
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr and ".partial" not in stderr and "unexpected" not in stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file"])
+def test_unwritable_output_fails_before_training(where, target, data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = Path("/proc/gemma-mtp-drafter") if where == "proc" else tmp_path / "file" / "drafter"
+    result = run("--target", target, "--data", data, "--out", out, *SMALL)
+    assert_one_error_line(result.returncode, result.stderr, f"'{out}'")
+    assert "train-drafter:" not in result.stderr  # no progress bar: it failed before training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and not out.exists()
+
+
+def test_full_disk_while_writing(target, data, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import mlx.core as mx
+    from click.testing import CliRunner
+
+    from mlx_gemma_mtp.cli import main
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")
+
+    monkeypatch.setattr(mx, "save_safetensors", enospc)
+    out = tmp_path / "new" / "drafter"
+    result = CliRunner().invoke(main, ["train-drafter", "--target", str(target), "--data", str(data),
+                                       "--out", str(out), *SMALL])
+    assert_one_error_line(result.exit_code, result.stderr, f"'{out}'", "no space left on device")
+    assert list(tmp_path.iterdir()) == []

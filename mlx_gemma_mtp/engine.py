@@ -1,0 +1,444 @@
+"""The batched, pipelined speculative decoding engine.
+
+B rows decode together. A round drafts K tokens for every row, verifies [last, d1..dK] of every
+row in one target forward, and decides each row's accepted count, all on the device: each row's
+cache offset moves by its own count (ragged acceptance), and the next round's inputs (each row's
+last token and hidden state) are gathered on the device by that count. So round n + 1 is queued
+before the host reads round n: the host streams tokens and checks stops one round late, with one
+synchronization per round, while the device works. A row that stopped may have had one more
+round queued; that round's tokens for it are discarded, never emitted.
+
+Rows join and leave between rounds: `insert` queues a prompt (prefilled in chunks, one chunk per
+`step`, so running rows wait at most one chunk), `remove` drops a row, and `step` returns what
+each row emitted. `stream_generate`/`generate` are this engine with one row.
+
+Rows with logits processors (which need every token before the one they judge) run their rounds
+read-then-queue: the host knows each row's tokens before it builds the next round.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+
+from .adaptive import AdaptiveDraft
+from .cache import concat_rows, reserve, set_offset, take_rows
+from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
+from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
+from .sampling import Sampling, group_key, process, strategy_of
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class Request:
+    """One row's settings."""
+
+    max_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    eos_ids: frozenset = frozenset()
+    prompt_cache: Optional[PromptCache] = None
+    # draft_filter(drafts [1, k], position [1]) -> drafts: replaces the drafter's tokens inside the
+    # graph (benchmarks and tests inject acceptance with it; the drafter still runs)
+    draft_filter: Optional[Callable] = None
+
+
+@dataclass
+class Event:
+    """What one row emitted in one step; `finish_reason` ("stop", "length") on its last."""
+
+    uid: int
+    tokens: list
+    from_draft: list
+    finish_reason: Optional[str] = None
+
+
+@dataclass(eq=False)
+class Row:
+    uid: int
+    prompt: list
+    request: Request
+    stats: Stats
+    cache: list  # its own cache while it is prefilled; then its rows live in the batch's
+    todo: list  # prompt tokens still to prefill
+    offset: int  # tokens in its cache, as of the last round the host read
+    emitted: list = field(default_factory=list)
+    finish: Optional[str] = None
+    started: float = 0.0
+
+
+@dataclass
+class Batch:
+    """The device state between rounds: row i of every array is the row `uids[i]`."""
+
+    uids: list
+    cache: list  # the target's caches; every layer's offset [B] is the position of `token`
+    token: mx.array  # [B, 1] the last emitted token (not yet in the cache)
+    hidden: mx.array  # [B, 1, H] the target's final-norm hidden state before it
+    seeds: mx.array  # [B] uint32
+
+
+@dataclass
+class Round:
+    k: int
+    uids: list
+    policy: object
+    drafts: mx.array  # [B, k]
+    tokens: mx.array  # [B, k + 1]: row i emits its first accepted[i] + 1
+    accepted: mx.array  # [B]
+    number: int = 0
+
+
+class FixedDraft:
+    """The draft-length policy for a constant K."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def choose(self, max_k: int) -> int:
+        return min(self.k, max_k)
+
+    def observe(self, k: int, accepted, seconds: float) -> None:
+        pass
+
+
+class Engine:
+    def __init__(self, pair: Pair, num_draft_tokens="adaptive", prefill_step: int = PREFILL_STEP):
+        self.pair, self.view = pair, pair.view
+        self.num_draft_tokens = check_draft_tokens(num_draft_tokens)
+        self.prefill_step = prefill_step
+        self.rows: dict = {}  # uid -> Row, joined or waiting
+        self.waiting: deque = deque()  # rows still to prefill, in order
+        self.batch: Optional[Batch] = None
+        self.queued: deque = deque()  # rounds submitted and not yet read
+        self.trace: Optional[list] = None  # set to a list to record ("submit"|"read", round number)
+        self._uid = self._rounds = 0
+        self._last_read = None
+
+    # --- rows join and leave ------------------------------------------------------------------
+
+    def insert(self, prompt: list, request: Request) -> int:
+        """Queue a prompt (token ids, checked by the caller); returns the row's uid."""
+        uid, self._uid = self._uid, self._uid + 1
+        stats = Stats()
+        cache_holder = request.prompt_cache or PromptCache(self.view.make_cache())
+        reused = reuse_prompt_cache(self.pair, cache_holder, prompt)
+        stats.prompt_tokens, stats.reused_prompt_tokens = len(prompt) - reused, reused
+        request.prompt_cache = cache_holder
+        row = Row(uid, list(prompt), request, stats, cache_holder.cache, list(prompt[reused:]), reused)
+        row.started = time.perf_counter()
+        self.rows[uid] = row
+        self.waiting.append(row)
+        return uid
+
+    def remove(self, uid: int) -> None:
+        """Drop a row (a cancelled request); its prompt cache keeps what it holds now."""
+        row = self.rows.get(uid)
+        if row is not None:
+            self._leave([row])
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows)
+
+    def step(self) -> list:
+        """Prefill one chunk of a waiting row, queue a round, read the one before it."""
+        events = self._prefill_chunk()
+        if self.batch is not None and self._pipelined():
+            self._submit()
+        while self.queued and not any(u in self.rows for u in self.queued[0].uids):
+            self.queued.popleft()  # every row of it has left: nothing to read
+        if self.queued:
+            events += self._read(self.queued.popleft())
+        if self.batch is not None and not self.queued:
+            self._submit()
+        return events
+
+    # --- prefill ------------------------------------------------------------------------------
+
+    def _prefill_chunk(self) -> list:
+        """Up to `prefill_step` prompt tokens of waiting rows (several short prompts, or one
+        chunk of a long one); rows whose prompts are done pick their first token and join."""
+        budget, ready = self.prefill_step, []
+        while self.waiting and budget > 0:
+            row = self.waiting[0]
+            chunk, row.todo = row.todo[:budget], row.todo[budget:]
+            budget -= len(chunk)
+            reserve(row.cache, row.offset + len(chunk))
+            hidden = self.view.hidden(mx.array(chunk, mx.uint32)[None], row.cache)[:, -1:]
+            row.offset += len(chunk)
+            if row.todo:
+                mx.eval([c.state for c in row.cache])
+                break
+            self.waiting.popleft()
+            ready.append((row, hidden, self._first_token(row, hidden)))
+        if not ready:
+            return []
+        mx.eval([(token, hidden, [c.state for c in row.cache]) for row, hidden, (token, _) in ready])
+        now, events, joining = time.perf_counter(), [], []
+        for row, hidden, (token, seed) in ready:
+            row.stats.prompt_seconds, row.started = now - row.started, now
+            events.append(self._emit(row, [token.item()], [False]))
+            if row.finish is None:
+                joining.append((row, token, hidden, seed))
+        if joining:
+            self._join(joining)
+        return events
+
+    def _first_token(self, row: Row, hidden: mx.array) -> tuple:
+        sampling = row.request.sampling
+        if sampling.sampler is not None and sampling.seed is not None:
+            mx.random.seed(sampling.seed)  # custom samplers draw from MLX's global generator
+        logits = self.view.logits(hidden)[:, 0]
+        if sampling.logits_processors:
+            logits = process(sampling, logits, mx.array(row.prompt, mx.int32))
+        seed = mx.array([sampling.seed or 0], mx.uint32)
+        return strategy_of(sampling).first(logits, seed, mx.array([len(row.prompt)]))[:, None], seed
+
+    def _join(self, joining: list) -> None:
+        """Rows (row, token, hidden, seed) whose prompts are done become rows of the batch."""
+        b = self.batch
+        parts = ([] if b is None else [(b.uids, b.cache, b.token, b.hidden, b.seeds)]) + [
+            ([row.uid], row.cache, token, hidden, seed) for row, token, hidden, seed in joining
+        ]
+        uids, caches, tokens, hiddens, seeds = zip(*parts)
+        self.batch = Batch(
+            [u for part in uids for u in part], concat_rows(caches), mx.concatenate(tokens),
+            mx.concatenate(hiddens), mx.concatenate(seeds),
+        )
+
+    def _leave(self, rows: list) -> None:
+        """Rows that stopped or were removed: settle their prompt caches, drop their batch rows."""
+        gone = {r.uid for r in rows}
+        b = self.batch
+        for row in rows:
+            del self.rows[row.uid]
+            if row in self.waiting:  # its cache holds the part of the prompt prefilled so far
+                self.waiting.remove(row)
+                row.request.prompt_cache.tokens = row.prompt[: row.offset]
+                continue
+            row.stats.generation_seconds = time.perf_counter() - row.started
+            row.stats.peak_memory_bytes = mx.get_peak_memory()
+            # the cache holds the prompt and every emitted token but the last (the next input)
+            kept = row.prompt + row.emitted[:-1]
+            cache = row.cache if b is None or row.uid not in b.uids else take_rows(b.cache, mx.array([b.uids.index(row.uid)]))
+            set_offset(cache, mx.array([len(kept)], mx.int32))
+            row.request.prompt_cache.cache, row.request.prompt_cache.tokens = cache, kept
+        if b is not None and gone & set(b.uids):
+            keep = [i for i, u in enumerate(b.uids) if u not in gone]
+            if not keep:
+                self.batch = None
+                return
+            at = mx.array(keep)
+            self.batch = Batch(
+                [b.uids[i] for i in keep], take_rows(b.cache, at), mx.take(b.token, at, axis=0),
+                mx.take(b.hidden, at, axis=0), mx.take(b.seeds, at, axis=0),
+            )
+
+    # --- rounds -------------------------------------------------------------------------------
+
+    def _pipelined(self) -> bool:
+        return not any(self.rows[u].request.sampling.logits_processors for u in self.batch.uids)
+
+    def _policy(self, batch_size: int):
+        if self.num_draft_tokens != "adaptive":
+            return FixedDraft(self.num_draft_tokens)
+        # one controller per pair and batch size: costs differ with B; what it learns carries over
+        return self.pair.adaptive.setdefault(batch_size, AdaptiveDraft(max_k=8))
+
+    def _submit(self) -> None:
+        b = self.batch
+        rows = [self.rows[u] for u in b.uids]
+        policy = self._policy(len(rows))
+        # never draft past every row's max_tokens: a round emits at most k + 1 tokens per row
+        room = min(MAX_DRAFT_TOKENS, max(r.request.max_tokens - len(r.emitted) - 1 for r in rows))
+        k = max(0, policy.choose(room)) if self.pair.drafter is not None and room > 0 else 0
+        in_flight = sum(r.k + 1 for r in self.queued)
+        reserve(b.cache, max(r.offset for r in rows) + in_flight + k + 1)
+        rnd = build_round(self.pair, b, rows, k)
+        rnd.policy, rnd.number = policy, self._rounds + 1
+        mx.async_eval(rnd.tokens, rnd.accepted, rnd.drafts, b.token, b.hidden, [c.state for c in b.cache])
+        self.queued.append(rnd)
+        self._rounds += 1
+        if self.trace is not None:
+            self.trace.append(("submit", self._rounds))
+
+    def _read(self, rnd: Round) -> list:
+        """The round's one host synchronization; returns each live row's event."""
+        mx.eval(rnd.accepted, rnd.tokens, rnd.drafts)
+        accepted, tokens, drafts = rnd.accepted.tolist(), rnd.tokens.tolist(), rnd.drafts.tolist()
+        now = time.perf_counter()
+        seconds = now - self._last_read if self._last_read is not None else None
+        self._last_read = now
+        if self.trace is not None:
+            self.trace.append(("read", rnd.number))
+        live = [i for i, u in enumerate(rnd.uids) if u in self.rows and self.rows[u].finish is None]
+        rnd.policy.observe(rnd.k, [accepted[i] for i in live], seconds)
+        events, stopped = [], []
+        for i in live:
+            row, a = self.rows[rnd.uids[i]], accepted[i]
+            row.offset += a + 1
+            row.stats.record(drafts[i], a, seconds or 0.0)
+            events.append(self._emit(row, tokens[i][: a + 1], [j < a for j in range(a + 1)]))
+            if row.finish is not None:
+                stopped.append(row)
+        if stopped:
+            self._leave(stopped)
+        return events
+
+    def _emit(self, row: Row, tokens: list, from_draft: list) -> Event:
+        """Append tokens to the row up to its first stop (EOS id or max_tokens)."""
+        eos, limit = row.request.eos_ids, row.request.max_tokens
+        for n, t in enumerate(tokens):
+            row.emitted.append(t)
+            if t in eos or len(row.emitted) >= limit:
+                row.finish = "stop" if t in eos else "length"
+                tokens, from_draft = tokens[: n + 1], from_draft[: n + 1]
+                break
+        row.stats.generated_tokens = len(row.emitted)
+        if row.finish is not None and row.uid in self.rows and row not in self.waiting:
+            if self.batch is None or row.uid not in self.batch.uids:
+                self._leave([row])  # stopped at its first token: it never joined
+        return Event(row.uid, tokens, from_draft, row.finish)
+
+
+# --- one round as one lazy graph -----------------------------------------------------------------
+
+
+def _groups(rows: list) -> list:
+    """(strategy, batch indices) per group of rows that decide their tokens the same way."""
+    groups = {}
+    for i, row in enumerate(rows):
+        key = group_key(row.request.sampling)
+        if key not in groups:
+            groups[key] = (strategy_of(row.request.sampling), [])
+        groups[key][1].append(i)
+    return list(groups.values())
+
+
+def _by_group(groups: list, size: int, fn) -> list:
+    """Run fn(strategy, index array or None) per group; stitch each output back in row order."""
+    if len(groups) == 1:
+        return list(fn(groups[0][0], None))
+    order = [i for _, rows in groups for i in rows]
+    parts = [fn(s, mx.array(rows)) for s, rows in groups]
+    inverse = mx.array(sorted(range(size), key=order.__getitem__))
+    out = []
+    for part in zip(*parts):
+        like = next(p for p in part if p is not None) if any(p is not None for p in part) else None
+        if like is None:
+            out.append(None)
+            continue
+        # a group without this output (greedy rows have no log q) gets zeros: nothing reads them
+        part = [p if p is not None else mx.zeros((len(rows), *like.shape[1:]), like.dtype)
+                for p, (_, rows) in zip(part, groups)]
+        out.append(mx.take(mx.concatenate(part, axis=0), inverse, axis=0))
+    return out
+
+
+def _rows_of(x, at):
+    return x if at is None or x is None else mx.take(x, at, axis=0)
+
+
+def draft_block(pair: Pair, batch: Batch, groups: list, position: mx.array, k: int) -> tuple:
+    """K drafts [B, k] and, when any row samples by rejection, the drafter's log q [B, k, V]."""
+    step = pair.draft_step()
+    kv, masks = pair.view.shared_kv(batch.cache, pair.drafter.args.sliding_window + 1)
+    token, hidden = batch.token, batch.hidden
+    greedy_only = not any(s.samples_drafts for s, _ in groups)
+    drafts, log_q = [], []
+    for j in range(k):
+        greedy, h, hidden = step(token, hidden, kv, masks, position)
+        if greedy_only:
+            token = greedy
+        else:
+            token, q = _by_group(
+                groups, token.shape[0],
+                lambda s, at: s.draft(_rows_of(h, at), _rows_of(greedy, at), pair.drafter,
+                                      _rows_of(batch.seeds, at), _rows_of(position, at), j),
+            )
+            log_q.append(q)
+        drafts.append(token)
+    log_q = None if greedy_only else mx.stack(log_q, axis=1)
+    return mx.concatenate(drafts, axis=1), log_q
+
+
+def build_round(pair: Pair, batch: Batch, rows: list, k: int) -> Round:
+    """Draft, verify and accept for every row, lazily; moves `batch` to the state after it."""
+    view, B = pair.view, len(rows)
+    position = batch.cache[0].offset  # [B]: the position of each row's last token
+    groups = _groups(rows)
+    drafts, log_q = mx.zeros((B, 0), mx.int32), None
+    if k:
+        drafts, log_q = draft_block(pair, batch, groups, position, k)
+        if any(r.request.draft_filter for r in rows):
+            drafts = mx.concatenate([
+                r.request.draft_filter(drafts[i : i + 1], position[i : i + 1]) if r.request.draft_filter
+                else drafts[i : i + 1] for i, r in enumerate(rows)
+            ])
+    verified = view.hidden(mx.concatenate([batch.token, drafts], axis=1), batch.cache)
+    logits = view.logits(verified)
+    if any(r.request.sampling.logits_processors for r in rows):
+        logits = mx.concatenate([_processed(r, logits[i : i + 1], drafts[i]) for i, r in enumerate(rows)])
+    if log_q is None and any(s.samples_drafts for s, _ in groups):
+        log_q = mx.zeros((B, k, 1))  # no rejection row drafted (k == 0)
+    accepted, tokens = _by_group(
+        groups, B,
+        lambda s, at: s.verify(_rows_of(logits, at), _rows_of(drafts, at), _rows_of(log_q, at),
+                               _rows_of(batch.seeds, at), _rows_of(position, at)),
+    )
+    set_offset(batch.cache, position + accepted + 1)
+    batch.token = mx.take_along_axis(tokens, accepted[:, None], axis=1)
+    batch.hidden = mx.take_along_axis(verified, accepted[:, None, None], axis=1)
+    return Round(k, list(batch.uids), None, drafts, tokens, accepted)
+
+
+def _processed(row: Row, logits: mx.array, drafts: mx.array) -> mx.array:
+    """One row's logits [1, k+1, V] after its processors; position i sees the drafts before it."""
+    seen = mx.concatenate([mx.array(row.prompt + row.emitted, mx.int32), drafts])
+    n = len(row.prompt) + len(row.emitted)
+    sampling = row.request.sampling
+    return mx.stack([process(sampling, logits[:, i], seen[: n + i]) for i in range(logits.shape[1])], axis=1)
+
+
+# --- one row: the single-stream interface ------------------------------------------------------
+
+
+def generate_tokens(
+    pair: Pair,
+    prompt: list,
+    max_tokens: int,
+    num_draft_tokens=4,
+    eos_ids=(),
+    stats: Optional[Stats] = None,
+    sampling: Optional[Sampling] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    draft_filter: Optional[Callable] = None,
+) -> Iterator[tuple]:
+    """Yield (token, from_draft) for one prompt, stopping exactly at max_tokens or an EOS id.
+
+    The engine with one row. `stats` (a Stats) is filled in place; `prompt_cache` holds every
+    token of prompt + output except the last one afterwards. `num_draft_tokens`: K, "adaptive",
+    or a policy object (choose(max_k) -> k, observe(k, accepted, seconds)).
+    """
+    if max_tokens <= 0:
+        return
+    policy = None if isinstance(num_draft_tokens, (int, str)) else num_draft_tokens
+    engine = Engine(pair, num_draft_tokens if policy is None else 0)
+    if policy is not None:
+        engine._policy = lambda batch_size: policy
+    request = Request(max_tokens, sampling or Sampling(), frozenset(eos_ids), prompt_cache, draft_filter)
+    uid = engine.insert(prompt, request)
+    row = engine.rows[uid]
+    if stats is not None:
+        row.stats = stats
+        stats.prompt_tokens, stats.reused_prompt_tokens = len(prompt) - row.offset, row.offset
+    try:
+        while engine.busy:
+            for event in engine.step():
+                for token, from_draft in zip(event.tokens, event.from_draft):
+                    yield token, from_draft
+    finally:
+        engine.remove(uid)

@@ -1,0 +1,62 @@
+"""Loading a pair: the target through mlx-lm with our normalized config, its tokenizer, and the
+drafter. Where the folders are and how their files are read is `checkpoint.py`'s business."""
+
+from pathlib import Path
+from typing import Optional
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_model, load_tokenizer
+
+from .checkpoint import check_safetensors, pair_folders, read_config, read_json, weight_files
+from .config import normalize_draft_config, normalize_target_config, validate_pair
+from .decode import Pair
+from .drafter import load_drafter
+from .errors import MTPError
+
+
+def load(path, draft_path: Optional[str] = None, draft: bool = True) -> tuple[Pair, TokenizerWrapper]:
+    """Load a converted pair folder, or a target (mlx-lm or Hugging Face folder, or hub id) and
+    optionally its drafter (`draft_path` replaces a pair's own). With draft=False no drafter is
+    resolved, downloaded or read, and generation is plain decoding."""
+    target_dir, draft_dir = pair_folders(path, draft_path, draft)
+    target_config = normalize_target_config(read_config(target_dir, "target"))
+    draft_config = None
+    if draft_dir is not None:
+        # the pair is checked before any weights are read
+        draft_config = normalize_draft_config(read_config(draft_dir, "drafter"))
+        validate_pair(target_config, draft_config)
+    model = load_target(target_dir, target_config)
+    tokenizer = load_tokenizer(target_dir, eos_token_ids=_eos_ids(target_dir, target_config))
+    drafter = load_drafter(draft_dir)[0] if draft_dir is not None else None
+    return Pair(model, drafter, target_config=target_config, draft_config=draft_config), tokenizer
+
+
+def load_target(folder: Path, config: dict):
+    """mlx-lm's model for the folder, with our normalized config (it fixes the fields mlx-lm
+    would otherwise default differently)."""
+    # mlx-lm reads every model*.safetensors with mx.load, whose errors on a truncated or
+    # corrupt file are RuntimeErrors: check them all first
+    checked = set(weight_files(folder, "target"))
+    for f in sorted(folder.glob("model*.safetensors")):
+        if f not in checked:
+            check_safetensors(f, "target")
+    try:
+        model, _ = load_model(folder, model_config=config)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise MTPError(f"cannot load target '{folder}': {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def check_pair(target_config: dict, draft_config: dict) -> None:
+    """MTPError unless the drafter's config fits the target's (raw or normalized)."""
+    validate_pair(normalize_target_config(target_config), normalize_draft_config(draft_config))
+
+
+def _eos_ids(folder: Path, config: dict) -> Optional[list]:
+    eos = config.get("eos_token_id") or config.get("text_config", {}).get("eos_token_id")
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        eos = read_json(generation, "generation config").get("eos_token_id", eos)
+    if eos is None:
+        return None
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
