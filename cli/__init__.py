@@ -98,4 +98,4 @@ def convert(target, draft, out, quantize, q_bits, q_group_size, q_mode, draft_q_
 
 
 # Subcommands live in their own modules and register themselves on `main`.
-from . import bench_command, generate_command, train_command  # noqa: E402,F401
+from . import bench_command, generate_command, serve_command, train_command  # noqa: E402,F401

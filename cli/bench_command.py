@@ -14,13 +14,13 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def int_list(text: str) -> list:
+def int_list(text: str, what: str = "draft lengths") -> list:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated whole numbers, got {text!r}") from None
     if not values or any(not 1 <= v <= 16 for v in values):
-        raise click.BadParameter("draft lengths must be between 1 and 16")
+        raise click.BadParameter(f"{what} must be between 1 and 16")
     return values
 
 
@@ -52,10 +52,12 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
 @click.option("--no-mlx-lm", is_flag=True, help="Skip mlx_lm.stream_generate.")
 @click.option("--inject-acceptance", metavar="P1,P2,..", help="Inject this conditional acceptance per draft position.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", "batches", metavar="B1,B2,..",
+              help="Batch sizes: run the prompts as rows of one batch (plain, --ks, adaptive) beside one after another.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw speedup and acceptance (matplotlib).")
 def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, experts, tokens, prompts, prompt_tokens, num_prompts, repeats, ks,
-          no_adaptive, no_mlx_lm, inject_acceptance, seed, json_path, plot_path):
+          no_adaptive, no_mlx_lm, inject_acceptance, seed, batches, json_path, plot_path):
     """Benchmark mlx-lm, plain and MTP decoding (K = 1..8 and adaptive) on the same pair.
 
     Speeds on machines without Apple Silicon are only meaningful as ratios (see the README)."""
@@ -73,6 +75,13 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         raise click.UsageError("--prompt and --held-out-prompts contradict each other")
     if demo and not prompts and not held_out_prompts:
         held_out_prompts = 8
+    batch_sizes = int_list(batches, "batch sizes") if batches else None
+    if batch_sizes and plot_path:
+        raise click.UsageError("--batch draws no plot")
+    if batch_sizes and shape:
+        num_prompts = max(num_prompts, max(batch_sizes))
+    if batch_sizes and demo and not prompts:
+        held_out_prompts = max(held_out_prompts or 0, max(batch_sizes))
     if tokens < 2 or repeats < 1:
         raise click.UsageError("--tokens must be at least 2 and --repeats at least 1")
     # the outputs fail before the long run, not after it
@@ -124,6 +133,15 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
 
     opts = b.BenchOptions(tokens=tokens, repeats=repeats, ks=int_list(ks), adaptive=not no_adaptive,
                           mlx_lm=not no_mlx_lm, inject=profile, seed=seed)
+    if batch_sizes:
+        if len(prompt_ids) < max(batch_sizes):
+            raise click.UsageError(f"--batch {max(batch_sizes)} needs as many prompts, got {len(prompt_ids)}")
+        report = {"model": description, **b.bench_batches(pair, prompt_ids, opts, batch_sizes, log=log)}
+        click.echo(f"model: {description}\n" + b.format_batches(report))
+        if json_path:
+            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+            log(f"wrote {json_path}")
+        return
     report = {"model": description, **b.bench(pair, tokenizer, prompt_ids, opts, log=log)}
     report = {"model": description, **{k: v for k, v in report.items() if k != "model"}}
     click.echo(r.format_report(report))

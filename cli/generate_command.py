@@ -245,7 +245,7 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
              repetition_penalty, seed, verbose, prompt, use_chat, demo):
     """Generate a reply to one prompt, streamed to stdout; a summary goes to stderr."""
     if demo and use_chat:
-        raise click.UsageError("the demo pair is a raw-text model without a chat template: drop --chat")
+        raise click.UsageError("the demo pair is a raw-text model (its plain chat template is for serve): drop --chat")
     use_chat = not demo if use_chat is None else use_chat
     text, system = read_prompt(prompt), argument_text(system, "--system")
     if system and not use_chat:

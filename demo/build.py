@@ -80,8 +80,10 @@ def train_tokenizer(out: Path) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", add_bos_token=True
     )
+    # a plain chat template, so `gemma-mtp serve --demo` has a chat endpoint; the model itself is
+    # trained on raw Python source only
+    fast.chat_template = demo.CHAT_TEMPLATE
     fast.save_pretrained(out)
-    # no chat template: the demo is a raw-text model, prompts are plain Python source
     log(f"tokenizer: {tok.get_vocab_size()} ids -> {out}")
 
 

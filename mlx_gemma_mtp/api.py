@@ -35,7 +35,7 @@ def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt) -> list:
     """The prompt as token ids: a string is encoded as is, a list (or array) of ids is checked
     against the target's vocabulary (an id outside it would index past the embedding)."""
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt) if prompt else []
     elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
         ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
         vocab = pair.view.args.vocab_size
@@ -126,6 +126,8 @@ def stream_generate(
     try:
         while engine.busy:
             for event in engine.step():
+                if event.finish_reason == "error":
+                    raise MTPError(f"generation failed: {event.error}")
                 for token, from_draft in zip(event.tokens, event.from_draft):
                     if last is not None:
                         yield last

@@ -396,3 +396,151 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
         mtp_entry(k, runs[k], plain, steps, drafter_bytes, plain_tokens, opts) for k in settings if k != 0
     ]
     return report
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchRun:
+    tokens: list  # per row
+    decode_seconds: float  # from the moment every row has joined to the end
+    decoded: int  # tokens emitted in that time
+    rounds: int
+    host_build: float  # seconds spent building and queuing rounds
+    device_idle: float  # seconds the device waited for the host between rounds
+    stats: list
+    ks: list = field(default_factory=list)  # K of each round in the timed window
+
+
+def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipelined: bool = True) -> BatchRun:
+    """The prompts as rows of one batch (greedy); timed from the moment every row has joined."""
+    from .engine import Engine, Request
+
+    fresh_memory()
+    eng = Engine(pair, k if not hasattr(k, "choose") else 0, pipelined=pipelined)
+    if hasattr(k, "choose"):
+        eng._policy = lambda batch_size: k
+    eng.trace = []
+    uids = [eng.insert(p, Request(max_tokens, Sampling(), frozenset(), None, f)) for p, f in zip(prompts, filters)]
+    stats = [eng.rows[u].stats for u in uids]
+    out = {u: [] for u in uids}
+    start, decoded, first_round = None, 0, None
+    while eng.busy:
+        events = eng.step()
+        for e in events:
+            out[e.uid] += e.tokens
+            decoded += len(e.tokens) if start is not None else 0
+        if start is None and not eng.waiting:
+            start, first_round = time.perf_counter(), eng._rounds
+    seconds = time.perf_counter() - start
+    submits = {n: (t[0], t[1], t[2]) for what, n, *t in eng.trace if what == "submit"}
+    ks = {n: t[3] for what, n, *t in eng.trace if what == "submit"}
+    reads = {n: times[0] for what, n, *times in eng.trace if what == "read"}
+    steady = [n for n in sorted(reads) if n > first_round and n + 1 in submits]
+    # building a round's graph (not queuing it: on the CPU, queuing waits for room behind the
+    # round before)
+    build = sum(submits[n][1] - submits[n][0] for n in steady)
+    # idle: the next round was queued only after this one's results were in
+    idle = sum(max(0.0, submits[n + 1][2] - reads[n]) for n in steady if submits[n + 1][0] >= reads[n])
+    timed = [ks[n] for n in sorted(reads) if n > first_round]
+    return BatchRun([out[u] for u in uids], seconds, decoded, len(steady), build, idle, stats, timed)
+
+
+def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, log=print) -> dict:
+    """Per batch size B: the first B prompts as rows of one batch, plain and MTP (each K of
+    opts.ks and adaptive), beside the same prompts decoded one after another; interleaved over
+    the repeats. Greedy; every row's output is checked against its own single-stream plain run."""
+    vocab = pair.view.args.vocab_size
+    extra = max(opts.ks + [8]) + 2
+    continuations = [run_batch(pair, [p], opts.tokens + extra, 0, [None]).tokens[0] for p in prompts[: max(batches)]]
+    filters = [
+        InjectedAcceptance(c, len(p), opts.inject, vocab, opts.seed + i) if opts.inject is not None else None
+        for i, (p, c) in enumerate(zip(prompts, continuations))
+    ]
+    settings = [0] + list(opts.ks) + (["adaptive"] if opts.adaptive else [])
+    controllers = {}  # one adaptive controller per B, kept across repeats, as the engine keeps one per pair
+
+    def policy(k, batch):
+        if k != "adaptive":
+            return k
+        return controllers.setdefault(batch, AdaptiveDraft(max_k=max(opts.ks + [8])))
+
+    context = prompts[0] + continuations[0][: opts.tokens // 2]
+    report = {"acceptance_injected": opts.inject is not None, "injected_profile": opts.inject,
+              "tokens": opts.tokens, "repeats": opts.repeats, "device": device_description(),
+              "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+              "openblas_preloaded": openblas_loaded(), "batches": []}
+    for batch in batches:
+        rows, row_filters = prompts[:batch], filters[:batch]
+        expected = [c[: opts.tokens] for c in continuations[:batch]]
+        for k in settings:  # warm-up: traces, allocations
+            run_batch(pair, rows, min(8, opts.tokens), policy(k, batch), row_filters)
+        runs = {k: [] for k in settings}
+        runs["unpipelined"], runs["sequential_plain"], runs["sequential_adaptive"] = [], [], []
+        steps = []
+        for rep in range(opts.repeats):
+            steps.append(measure_steps(pair, context, list(range(1, max(opts.ks + [8]) + 1)), opts.step_repeats, batch))
+            for k in settings:
+                runs[k].append(run_batch(pair, rows, opts.tokens, policy(k, batch), row_filters))
+            if opts.adaptive:
+                runs["unpipelined"].append(run_batch(pair, rows, opts.tokens, policy("adaptive", batch), row_filters, False))
+            for name, k in (("sequential_plain", 0), ("sequential_adaptive", "adaptive")):
+                singles = [run_batch(pair, [p], opts.tokens, policy(k, 1), [f]) for p, f in zip(rows, row_filters)]
+                runs[name].append(BatchRun(
+                    [s.tokens[0] for s in singles], sum(s.decode_seconds for s in singles),
+                    sum(s.decoded for s in singles), sum(s.rounds for s in singles),
+                    sum(s.host_build for s in singles), sum(s.device_idle for s in singles),
+                    [s.stats[0] for s in singles], [k for s in singles for k in s.ks]))
+        step = median_steps(steps)
+        entry = {"batch": batch, "step_seconds": {
+            "plain": step.plain, "verify_k_plus_1": {str(k): v for k, v in step.verify.items()},
+            "draft_block_k": {str(k): v for k, v in step.draft.items()}}, "settings": {}}
+        plain_rates = [r.decoded / r.decode_seconds for r in runs[0]]
+        for name, rs in runs.items():
+            if not rs:
+                continue
+            rates = [r.decoded / r.decode_seconds for r in rs]
+            ks_used = [len(d) for r in rs for s in r.stats for d, _ in s.round_log]
+            ks_used += [0] * (sum(s.rounds for r in rs for s in r.stats) - len(ks_used))
+            rounds = sum(s.rounds for r in rs for s in r.stats)
+            generated = sum(s.generated_tokens - 1 for r in rs for s in r.stats)
+            per_round = generated / rounds if rounds else 0.0
+            e = {
+                "tokens_per_second": statistics.median(rates),
+                "over_batched_plain": paired_ratio(rates, plain_rates),
+                "tokens_per_round_per_row": per_round,
+                "host_build_share": sum(r.host_build for r in rs) / max(sum(r.decode_seconds for r in rs), 1e-9),
+                "device_idle_share": sum(r.device_idle for r in rs) / max(sum(r.decode_seconds for r in rs), 1e-9),
+                "matches_plain": all(t == x for r in rs for t, x in zip(r.tokens, expected)),
+            }
+            if isinstance(name, int) or name in ("adaptive", "unpipelined"):
+                # ideal: the timed rounds at the parts' costs measured at this B (verify B x (K+1)
+                # tokens, K draft steps), against batched plain steps for the same tokens
+                ideal_time = sum(step.round(n) for r in rs for n in r.ks)
+                plain_time = sum(r.decoded for r in rs) / batch * step.plain
+                e["ideal_over_batched_plain"] = plain_time / ideal_time if ideal_time else None
+                e["measured_over_ideal"] = (e["over_batched_plain"] / e["ideal_over_batched_plain"]
+                                            if e.get("ideal_over_batched_plain") else None)
+            entry["settings"][str(name)] = e
+        report["batches"].append(entry)
+        log(f"B={batch}: " + ", ".join(f"{n} {v['tokens_per_second']:.1f} tok/s" for n, v in entry["settings"].items()))
+    return report
+
+
+def format_batches(report: dict) -> str:
+    lines = [f"acceptance: {'injected ' + str(report['injected_profile']) if report['acceptance_injected'] else 'the drafter own (not injected)'}",
+             f"{report['machine']}; {report['device']}; OpenBLAS preloaded: {report['openblas_preloaded']}; "
+             f"{report['tokens']} tokens per row, median of {report['repeats']} repeats",
+             "", "B | setting | aggregate tok/s | x batched plain | ideal | meas/ideal | tok/round/row | host build share | device idle share | same output",
+             "--- | --- | --- | --- | --- | --- | --- | --- | --- | ---"]
+    for entry in report["batches"]:
+        for name, e in entry["settings"].items():
+            label = {"0": "plain", "unpipelined": "adaptive, not pipelined"}.get(name, name if not name.isdigit() else f"K={name}")
+            lines.append(" | ".join([
+                str(entry["batch"]), label, f"{e['tokens_per_second']:.2f}", f"{e['over_batched_plain']:.2f}",
+                f"{e['ideal_over_batched_plain']:.2f}" if e.get("ideal_over_batched_plain") else "-",
+                f"{e['measured_over_ideal']:.2f}" if e.get("measured_over_ideal") else "-",
+                f"{e['tokens_per_round_per_row']:.2f}", f"{e['host_build_share']:.3f}", f"{e['device_idle_share']:.3f}",
+                str(e["matches_plain"])]))
+    return "\n".join(lines)

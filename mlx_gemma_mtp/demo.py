@@ -13,6 +13,27 @@ from pathlib import Path
 PAIR_DIR = Path(__file__).parent / "demo_pair"
 HELD_OUT_EVERY = 20  # one file in 20 is never trained on
 
+# The demo target's chat template (in demo_pair/target/tokenizer_config.json), for `gemma-mtp serve
+# --demo`'s chat endpoint. The model only completes Python source and never learnt turns, so this
+# is a plain format: "<bos>", one "tool: {json}" line per tool, then "role: content" lines (an
+# assistant's tool calls in Gemma 4's markers, <|tool_call>call:NAME{json}<tool_call|>, so mlx-lm
+# infers Gemma 4's tool parser), then "assistant:" to prompt a reply.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "{%- for tool in tools -%}{{ 'tool: ' + (tool | tojson) + '\\n' }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ message.role + ':' }}"
+    "{%- if message.content is string and message.content -%}{{ ' ' + message.content }}{%- endif -%}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{{ '<|tool_call>call:' + call.function.name + (call.function.arguments | tojson) + '<tool_call|>' }}"
+    "{%- endfor -%}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
+)
+
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])

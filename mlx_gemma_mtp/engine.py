@@ -43,6 +43,9 @@ class Request:
     # draft_filter(drafts [1, k], position [1]) -> drafts: replaces the drafter's tokens inside the
     # graph (benchmarks and tests inject acceptance with it; the drafter still runs)
     draft_filter: Optional[Callable] = None
+    # log-probabilities of the emitted tokens (and this many alternatives, 0..20), from the
+    # verification logits after processors: drafted tokens have them too
+    logprobs: Optional[int] = None
 
 
 @dataclass
@@ -53,6 +56,9 @@ class Event:
     tokens: list
     from_draft: list
     finish_reason: Optional[str] = None
+    # with Request.logprobs: per token (its log-probability, [(token, log-probability), ...])
+    logprobs: Optional[list] = None
+    error: Optional[str] = None  # with finish_reason "error": what the row's own code raised
 
 
 @dataclass(eq=False)
@@ -66,6 +72,7 @@ class Row:
     offset: int  # tokens in its cache, as of the last round the host read
     emitted: list = field(default_factory=list)
     finish: Optional[str] = None
+    error: Optional[str] = None  # what its own code (a logits processor) raised: the row ends with it
     started: float = 0.0
 
 
@@ -89,6 +96,7 @@ class Round:
     tokens: mx.array  # [B, k + 1]: row i emits its first accepted[i] + 1
     accepted: mx.array  # [B]
     number: int = 0
+    logprobs: Optional[tuple] = None  # (chosen [B, k+1], top ids [B, k+1, n], top values), if asked
 
 
 class FixedDraft:
@@ -105,15 +113,19 @@ class FixedDraft:
 
 
 class Engine:
-    def __init__(self, pair: Pair, num_draft_tokens="adaptive", prefill_step: int = PREFILL_STEP):
+    def __init__(self, pair: Pair, num_draft_tokens="adaptive", prefill_step: int = PREFILL_STEP,
+                 pipelined: bool = True):
         self.pair, self.view = pair, pair.view
         self.num_draft_tokens = check_draft_tokens(num_draft_tokens)
         self.prefill_step = prefill_step
+        self.pipelined = pipelined  # False: read each round before building the next (to measure what it buys)
         self.rows: dict = {}  # uid -> Row, joined or waiting
         self.waiting: deque = deque()  # rows still to prefill, in order
         self.batch: Optional[Batch] = None
         self.queued: deque = deque()  # rounds submitted and not yet read
-        self.trace: Optional[list] = None  # set to a list to record ("submit"|"read", round number)
+        # set to a list to record ("submit", round, start, graph built, queued, K) and ("read",
+        # round, results ready)
+        self.trace: Optional[list] = None
         self._uid = self._rounds = 0
         self._last_read = None
 
@@ -161,7 +173,7 @@ class Engine:
     def _prefill_chunk(self) -> list:
         """Up to `prefill_step` prompt tokens of waiting rows (several short prompts, or one
         chunk of a long one); rows whose prompts are done pick their first token and join."""
-        budget, ready = self.prefill_step, []
+        budget, ready, events = self.prefill_step, [], []
         while self.waiting and budget > 0:
             row = self.waiting[0]
             chunk, row.todo = row.todo[:budget], row.todo[budget:]
@@ -173,14 +185,21 @@ class Engine:
                 mx.eval([c.state for c in row.cache])
                 break
             self.waiting.popleft()
-            ready.append((row, hidden, self._first_token(row, hidden)))
+            try:
+                ready.append((row, hidden, self._first_token(row, hidden)))
+            except Exception as e:  # the row's own processors or sampler: only this row ends
+                row.error = f"{type(e).__name__}: {e}"
+                events.append(self._fail(row))
         if not ready:
-            return []
-        mx.eval([(token, hidden, [c.state for c in row.cache]) for row, hidden, (token, _) in ready])
-        now, events, joining = time.perf_counter(), [], []
-        for row, hidden, (token, seed) in ready:
+            return events
+        mx.eval([(token, hidden, lp, [c.state for c in row.cache]) for row, hidden, (token, _, lp) in ready])
+        now, joining = time.perf_counter(), []
+        for row, hidden, (token, seed, lp) in ready:
             row.stats.prompt_seconds, row.started = now - row.started, now
-            events.append(self._emit(row, [token.item()], [False]))
+            if lp is not None:
+                chosen, ids, values = (x.tolist()[0][0] for x in lp)
+                lp = [(chosen, list(zip(ids, values)))]
+            events.append(self._emit(row, [token.item()], [False], lp))
             if row.finish is None:
                 joining.append((row, token, hidden, seed))
         if joining:
@@ -195,7 +214,9 @@ class Engine:
         if sampling.logits_processors:
             logits = process(sampling, logits, mx.array(row.prompt, mx.int32))
         seed = mx.array([sampling.seed or 0], mx.uint32)
-        return strategy_of(sampling).first(logits, seed, mx.array([len(row.prompt)]))[:, None], seed
+        token = strategy_of(sampling).first(logits, seed, mx.array([len(row.prompt)]))[:, None]
+        n = row.request.logprobs
+        return token, seed, None if n is None else _logprobs(logits[:, None], token, n)
 
     def _join(self, joining: list) -> None:
         """Rows (row, token, hidden, seed) whose prompts are done become rows of the batch."""
@@ -240,7 +261,7 @@ class Engine:
     # --- rounds -------------------------------------------------------------------------------
 
     def _pipelined(self) -> bool:
-        return not any(self.rows[u].request.sampling.logits_processors for u in self.batch.uids)
+        return self.pipelined and not any(self.rows[u].request.sampling.logits_processors for u in self.batch.uids)
 
     def _policy(self, batch_size: int):
         if self.num_draft_tokens != "adaptive":
@@ -249,6 +270,7 @@ class Engine:
         return self.pair.adaptive.setdefault(batch_size, AdaptiveDraft(max_k=8))
 
     def _submit(self) -> None:
+        start = time.perf_counter()
         b = self.batch
         rows = [self.rows[u] for u in b.uids]
         policy = self._policy(len(rows))
@@ -259,36 +281,53 @@ class Engine:
         reserve(b.cache, max(r.offset for r in rows) + in_flight + k + 1)
         rnd = build_round(self.pair, b, rows, k)
         rnd.policy, rnd.number = policy, self._rounds + 1
-        mx.async_eval(rnd.tokens, rnd.accepted, rnd.drafts, b.token, b.hidden, [c.state for c in b.cache])
+        built = time.perf_counter()
+        mx.async_eval(rnd.tokens, rnd.accepted, rnd.drafts, rnd.logprobs, b.token, b.hidden, [c.state for c in b.cache])
         self.queued.append(rnd)
         self._rounds += 1
         if self.trace is not None:
-            self.trace.append(("submit", self._rounds))
+            self.trace.append(("submit", self._rounds, start, built, time.perf_counter(), k))
 
     def _read(self, rnd: Round) -> list:
         """The round's one host synchronization; returns each live row's event."""
-        mx.eval(rnd.accepted, rnd.tokens, rnd.drafts)
+        mx.eval(rnd.accepted, rnd.tokens, rnd.drafts, rnd.logprobs)
         accepted, tokens, drafts = rnd.accepted.tolist(), rnd.tokens.tolist(), rnd.drafts.tolist()
+        logprobs = None if rnd.logprobs is None else [x.tolist() for x in rnd.logprobs]
         now = time.perf_counter()
         seconds = now - self._last_read if self._last_read is not None else None
         self._last_read = now
         if self.trace is not None:
-            self.trace.append(("read", rnd.number))
+            self.trace.append(("read", rnd.number, now))
         live = [i for i, u in enumerate(rnd.uids) if u in self.rows and self.rows[u].finish is None]
         rnd.policy.observe(rnd.k, [accepted[i] for i in live], seconds)
         events, stopped = [], []
         for i in live:
             row, a = self.rows[rnd.uids[i]], accepted[i]
+            if row.error is not None:
+                events.append(self._fail(row))
+                stopped.append(row)
+                continue
             row.offset += a + 1
             row.stats.record(drafts[i], a, seconds or 0.0)
-            events.append(self._emit(row, tokens[i][: a + 1], [j < a for j in range(a + 1)]))
+            lp = None
+            if logprobs is not None and row.request.logprobs is not None:
+                chosen, ids, values = (x[i] for x in logprobs)
+                n = row.request.logprobs
+                lp = [(chosen[j], list(zip(ids[j][:n], values[j][:n]))) for j in range(a + 1)]
+            events.append(self._emit(row, tokens[i][: a + 1], [j < a for j in range(a + 1)], lp))
             if row.finish is not None:
                 stopped.append(row)
         if stopped:
             self._leave(stopped)
         return events
 
-    def _emit(self, row: Row, tokens: list, from_draft: list) -> Event:
+    def _fail(self, row: Row) -> Event:
+        row.finish = "error"
+        if row.uid in self.rows and (self.batch is None or row.uid not in self.batch.uids):
+            self._leave([row])
+        return Event(row.uid, [], [], "error", error=row.error)
+
+    def _emit(self, row: Row, tokens: list, from_draft: list, logprobs: Optional[list] = None) -> Event:
         """Append tokens to the row up to its first stop (EOS id or max_tokens)."""
         eos, limit = row.request.eos_ids, row.request.max_tokens
         for n, t in enumerate(tokens):
@@ -296,12 +335,13 @@ class Engine:
             if t in eos or len(row.emitted) >= limit:
                 row.finish = "stop" if t in eos else "length"
                 tokens, from_draft = tokens[: n + 1], from_draft[: n + 1]
+                logprobs = None if logprobs is None else logprobs[: n + 1]
                 break
         row.stats.generated_tokens = len(row.emitted)
         if row.finish is not None and row.uid in self.rows and row not in self.waiting:
             if self.batch is None or row.uid not in self.batch.uids:
                 self._leave([row])  # stopped at its first token: it never joined
-        return Event(row.uid, tokens, from_draft, row.finish)
+        return Event(row.uid, tokens, from_draft, row.finish, logprobs)
 
 
 # --- one round as one lazy graph -----------------------------------------------------------------
@@ -392,15 +432,39 @@ def build_round(pair: Pair, batch: Batch, rows: list, k: int) -> Round:
     set_offset(batch.cache, position + accepted + 1)
     batch.token = mx.take_along_axis(tokens, accepted[:, None], axis=1)
     batch.hidden = mx.take_along_axis(verified, accepted[:, None, None], axis=1)
-    return Round(k, list(batch.uids), None, drafts, tokens, accepted)
+    wanted = [r.request.logprobs for r in rows if r.request.logprobs is not None]
+    logprobs = _logprobs(logits, tokens, max(wanted)) if wanted else None
+    return Round(k, list(batch.uids), None, drafts, tokens, accepted, logprobs=logprobs)
+
+
+def _logprobs(logits: mx.array, tokens: mx.array, top: int) -> tuple:
+    """The emitted tokens' log-probabilities [B, k+1] and the `top` most likely [B, k+1, top]."""
+    lp = logits.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, tokens[..., None], axis=-1)[..., 0]
+    if top == 0:
+        empty = mx.zeros((*tokens.shape, 0))
+        return chosen, empty.astype(mx.int32), empty
+    ids = mx.argpartition(-lp, kth=top - 1, axis=-1)[..., :top]
+    values = mx.take_along_axis(lp, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)  # most likely first
+    return chosen, mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
 
 
 def _processed(row: Row, logits: mx.array, drafts: mx.array) -> mx.array:
-    """One row's logits [1, k+1, V] after its processors; position i sees the drafts before it."""
+    """One row's logits [1, k+1, V] after its processors; position i sees the drafts before it.
+    A processor that raises ends its own row (read with the round), not the batch."""
     seen = mx.concatenate([mx.array(row.prompt + row.emitted, mx.int32), drafts])
     n = len(row.prompt) + len(row.emitted)
     sampling = row.request.sampling
-    return mx.stack([process(sampling, logits[:, i], seen[: n + i]) for i in range(logits.shape[1])], axis=1)
+    try:
+        out = mx.stack([process(sampling, logits[:, i], seen[: n + i]) for i in range(logits.shape[1])], axis=1)
+        if out.shape != logits.shape:
+            raise ValueError(f"a logits processor returned shape {out.shape}, expected {logits.shape}")
+        return out
+    except Exception as e:
+        row.error = f"{type(e).__name__}: {e}"
+        return logits
 
 
 # --- one row: the single-stream interface ------------------------------------------------------

@@ -142,7 +142,7 @@ def test_rounds_are_pipelined_with_one_sync_each(k, loaded, monkeypatch):
     while eng.busy:
         for event in eng.step():
             rows[event.uid] += event.tokens
-    trace = eng.trace[joined_at:]
+    trace = [t[:2] for t in eng.trace[joined_at:]]
     reads = [n for what, n in trace if what == "read"]
     assert len(reads) > 8
     # round n + 1 was submitted before round n was read, for every round read in steady state
@@ -207,3 +207,28 @@ def test_memory_stays_flat_over_many_mtp_calls(loaded):
     assert len(pair._traced_shapes) == traces
     assert mx.get_active_memory() <= active + 1_000_000
     assert resident_bytes() - rss < 2_000_000, resident_bytes() - rss
+
+
+def test_a_failing_row_ends_alone(loaded):
+    """A row whose own logits processor raises ends with finish_reason "error"; the others go on."""
+    pair, _ = loaded("e2b")
+    prompts = prompts_for(pair.view.args.sliding_window, 2, seed=4)
+    calls = []
+
+    def broken(history, logits):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("boom")
+        return logits
+
+    eng = Engine(pair, 2)
+    good = eng.insert(prompts[0], Request(30, Sampling()))
+    bad = eng.insert(prompts[1], Request(30, Sampling(logits_processors=[broken])))
+    out, errors = {good: [], bad: []}, []
+    while eng.busy:
+        for event in eng.step():
+            out[event.uid] += event.tokens
+            if event.finish_reason == "error":
+                errors.append((event.uid, event.error))
+    assert errors == [(bad, "RuntimeError: boom")]
+    assert out[good] == plain(pair, prompts[0], 30)

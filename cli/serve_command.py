@@ -1,0 +1,65 @@
+"""`gemma-mtp serve`: the OpenAI-compatible HTTP server (mlx_gemma_mtp/server.py)."""
+
+import os
+
+import click
+
+from mlx_gemma_mtp.cli import main
+from mlx_gemma_mtp.cli.generate_command import DraftTokens, load_model
+
+DEMO_MODEL_ID = "gemma-mtp-demo"
+
+
+def model_id_of(model, demo):
+    if demo:
+        return DEMO_MODEL_ID
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+@main.command()
+@click.option("--model", metavar="PATH|REPO",
+              help="A converted pair folder, or a target: mlx-lm/HF folder or hub repo id.")
+@click.option("--draft-model", metavar="PATH|REPO", help="The MTP drafter (default: the pair's own).")
+@click.option("--no-draft", is_flag=True, help="Load no drafter: plain decoding.")
+@click.option("--demo", is_flag=True, help="Serve the bundled demo pair (offline; raw Python completion, "
+                                            "with a plain '<role>: content' chat template).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (the default accepts local connections only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most requests decoding at once; the others wait in the queue.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Most requests waiting for a place in the batch; beyond it the answer is 429.")
+@click.option("--num-draft-tokens", type=DraftTokens(), default="adaptive", show_default=True,
+              help="Tokens drafted per round for the whole batch, or 'adaptive'. Seeded sampling repeats only "
+                   "with a fixed number.")
+@click.option("--prompt-cache-bytes", type=click.IntRange(min=0), default=2 << 30, show_default=True,
+              help="Bytes of KV cache kept between requests for prompt reuse (0: none).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens generated for a request that does not set max_tokens.")
+@click.option("--model-id", metavar="NAME", help="The name clients use for the model (default: the folder's "
+                                                  "name or repo id; 'gemma-mtp-demo' with --demo).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, num_draft_tokens,
+          prompt_cache_bytes, max_tokens, model_id, log_level):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    from mlx_gemma_mtp.server import serve as run
+
+    if no_draft and draft_model:
+        raise click.UsageError("--no-draft and --draft-model contradict each other")
+    if demo and (model or draft_model):
+        raise click.UsageError("--demo brings its own pair: drop --model/--draft-model")
+    if not demo and not model:
+        raise click.UsageError("missing option '--model' (or --demo)")
+    name = model_id or model_id_of(model, demo)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding to {host}: the server has no authentication", err=True)
+
+    def ready(worker):
+        drafter = "no drafter" if worker.pair.drafter is None else f"draft length {worker.draft_tokens}"
+        click.echo(f"serving '{name}' ({drafter}, batch {max_batch}) on http://{host}:{port}/v1", err=True)
+
+    run(lambda: load_model(model, draft_model, no_draft, demo), name, host=host, port=port, max_batch=max_batch,
+        num_draft_tokens=num_draft_tokens, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes,
+        default_max_tokens=max_tokens, log_level=log_level, on_ready=ready)

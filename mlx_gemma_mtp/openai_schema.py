@@ -1,0 +1,86 @@
+"""Request bodies of the OpenAI-compatible server (`gemma-mtp serve`), as pydantic models.
+
+The models check types only; the values are checked where they are used (server.py and the API's
+boundary, `api.make_request`), so that a nonsense value gets OpenAI's 400 with a one-line message,
+and a field of the wrong type gets 422. Fields OpenAI defines that this server does not read are
+ignored, as OpenAI-compatible servers do; the few that would change the answer's meaning and are
+not supported (n > 1, echo, suffix, best_of > 1, a structured response_format) are refused.
+"""
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: Union[str, dict, None] = None  # OpenAI sends a JSON string; a dict is accepted too
+
+
+class ToolCall(_Body):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ContentPart(_Body):
+    type: str
+    text: Optional[str] = None
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+
+class Sampling(_Body):
+    """The sampling fields both endpoints share (OpenAI's, then this server's extensions)."""
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None  # OpenAI's default: 1
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    n: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # extensions, with mlx-lm's meaning
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: Optional[int] = None
+    num_draft_tokens: Union[int, str, None] = None
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    response_format: Optional[dict[str, Any]] = None
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: Optional[int] = None
+    echo: Optional[bool] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None

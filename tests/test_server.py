@@ -1,0 +1,466 @@
+"""`gemma-mtp serve`: the OpenAI-compatible server, on the demo pair, through the official client.
+
+One server runs for the module (a subprocess on a free local port); expected outputs are computed
+in this process with the Python API on the same pair.
+"""
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from mlx_gemma_mtp import generate, stream_generate  # noqa: E402
+from mlx_gemma_mtp.demo import load_demo  # noqa: E402
+from mlx_gemma_mtp.server import (  # noqa: E402
+    APIError, Job, TextStream, ToolCallSplitter, Worker, held_suffix, split_tool_calls,
+)
+
+MODEL = "gemma-mtp-demo"
+K = 3  # a fixed draft length: seeded sampling repeats only with one
+PROMPTS = [
+    "def parse_args(argv):",
+    "import os\nimport sys\n\n\ndef main():",
+    "class Point:\n    def __init__(self, x, y):",
+    "for i in range(10):",
+    "def read_config(path):\n    with open(path) as f:",
+    "# Utilities for strings\n\ndef strip_all(",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_gemma_mtp.cli", "serve", "--demo", "--port", str(port),
+             "--num-draft-tokens", str(K), "--max-batch", "4", "--log-level", "warning"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()}")
+            try:
+                status, body = request(port, "GET", "/health")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the server did not come up:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+    assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="x", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo()
+
+
+def request(port, method, path, body=None, raw=None, timeout=60):
+    """(status, parsed JSON body) over a plain HTTP connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def sse_events(port, path, body, timeout=60):
+    """The data lines of a streamed response, in order ('[DONE]' included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps({**body, "stream": True}).encode(),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        events = []
+        for line in response:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+                if events[-1] == "[DONE]":
+                    break
+        return events
+    finally:
+        conn.close()
+
+
+def chat_ids(tokenizer, messages, tools=None):
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+
+
+def expected(demo, prompt, max_tokens, **kwargs):
+    pair, tok = demo
+    return generate(pair, tok, prompt, max_tokens=max_tokens, num_draft_tokens=K, temperature=0.0, **kwargs)
+
+
+def is_error_shape(body):
+    error = body["error"]
+    return set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+# --- endpoints -----------------------------------------------------------------------------------
+
+
+def test_health_and_models(server, client):
+    status, body = request(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_greedy_equals_generate(client, demo):
+    messages = [{"role": "system", "content": "Complete the code."}, {"role": "user", "content": PROMPTS[0]}]
+    want = expected(demo, chat_ids(demo[1], messages), 24)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == "length"
+    u = r.usage
+    assert u.prompt_tokens == len(chat_ids(demo[1], messages)) and u.completion_tokens == 24
+    assert u.total_tokens == u.prompt_tokens + 24
+    assert u.prompt_tokens_details.cached_tokens >= 0
+    assert u.model_extra["mtp"]["num_draft_tokens"] == K and u.model_extra["mtp"]["tokens_per_round"] > 1
+
+    parts = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == want
+    assert parts[-1].choices[0].finish_reason == "length"
+
+
+def test_completions_greedy_equals_generate(client, demo):
+    prompt = PROMPTS[1]
+    want = expected(demo, prompt, 20)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == want and r.usage.completion_tokens == 20
+    parts = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == want
+
+
+def test_usage_chunk_last_before_done(server):
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[3]}]}),
+        ("/v1/completions", {"prompt": PROMPTS[3]}),
+    ]:
+        events = sse_events(server, path, {"model": MODEL, "max_tokens": 8, "temperature": 0,
+                                           "stream_options": {"include_usage": True}, **body})
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+        assert all(c["usage"] is None for c in chunks[:-1])
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def stop_across_boundary(demo, prompt, max_tokens):
+    """(the greedy text, a stop string that spans a token boundary, the text before it)."""
+    pair, tok = demo
+    pieces = [r.text for r in stream_generate(pair, tok, prompt, max_tokens=max_tokens, temperature=0.0)]
+    text = "".join(pieces)
+    boundary = 0
+    for piece in pieces[:-1]:
+        boundary += len(piece)
+        stop = text[boundary - 2: boundary + 2]
+        if boundary > 4 and len(stop) == 4 and len(pieces[0]) < boundary - 2 and text.find(stop) == boundary - 2:
+            return text, stop, text[: boundary - 2]
+    pytest.skip("no boundary-spanning stop string in this output")
+
+
+def test_stop_strings(client, demo):
+    prompt = PROMPTS[2]
+    text, stop, before = stop_across_boundary(demo, prompt, 40)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "@@@@"])
+    assert r.choices[0].text == before and r.choices[0].finish_reason == "stop"
+    parts = [p.choices[0].text for p in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, stream=True) if p.choices]
+    assert "".join(parts) == before and not any(stop in p for p in parts)
+    # chat too
+    messages = [{"role": "user", "content": prompt}]
+    pair, tok = demo
+    ids = chat_ids(tok, messages)
+    reply = expected(demo, ids, 30)
+    stop = reply[len(reply) // 2: len(reply) // 2 + 3]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0, stop=stop)
+    assert r.choices[0].message.content == reply[: reply.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_text_stream_holds_back_and_stops(demo):
+    _, tok = demo
+    ids = tok.encode("value = compute(alpha, beta)\nprint(value)", add_special_tokens=False)
+    full = tok.decode(ids)
+    stream = TextStream(tok.detokenizer, ["(al", "zzz"], {1})
+    out, stopped = "", False
+    for t in ids:  # one token at a time
+        text, _, stopped = stream.feed([t])
+        out += text
+        assert "(al" not in out
+        if stopped:
+            break
+    assert stopped and out == full[: full.find("(al")]
+    stream = TextStream(tok.detokenizer, ["(al"], {1})
+    text, _, stopped = stream.feed(ids)  # the whole block at once
+    assert stopped and text == full[: full.find("(al")]
+    assert held_suffix("abc(a", ["(al"]) == 2 and held_suffix("abc", ["(al"]) == 0
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[4]}],
+                                       max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == 12
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-5)  # greedy: the top one
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    assert "".join(e.token for e in entries).strip() == r.choices[0].message.content.strip()
+    c = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_seeds_repeat(client):
+    def sample(seed):
+        return client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0.9,
+                                         seed=seed).choices[0].text
+
+    a = sample(11)
+    assert sample(11) == a
+    assert sample(12) != a
+
+
+def test_penalties_change_output(client):
+    def run(**kwargs):
+        return client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=32, temperature=0,
+                                         **kwargs).choices[0].text
+
+    plain = run()
+    assert run(frequency_penalty=2.0) != plain
+    assert run(presence_penalty=2.0) != plain
+    assert run(logit_bias={"5": 0.0}) == plain
+
+
+def test_n_refused(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+    assert e.value.status_code == 400 and "n > 1" in str(e.value)
+
+
+def test_bad_requests_get_errors_and_the_server_survives(server, client):
+    good = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4}
+    cases = [
+        (400, {"raw": b'{"model": "gemma-mtp-demo", "messages": ['}),
+        (400, {"raw": b"not json at all"}),
+        (404, {"body": {**good, "model": "gpt-4o"}}),
+        (400, {"body": {**good, "messages": [{"role": "user", "content": "x = 1\n" * 3000}]}}),
+        (400, {"body": {**good, "temperature": -1}}),
+        (400, {"body": {**good, "stop": ["a", "b", "c", "d", "e"]}}),
+        (400, {"body": {**good, "top_p": 0}}),
+        (400, {"body": {**good, "logit_bias": {"999999": 1}}}),
+        (400, {"body": {**good, "num_draft_tokens": 5}}),
+        (422, {"body": {**good, "temperature": "hot"}}),
+        (422, {"body": {"model": MODEL}}),
+    ]
+    for status, case in cases:
+        got, body = request(server, "POST", "/v1/chat/completions", body=case.get("body"), raw=case.get("raw"))
+        assert got == status, (case, body)
+        assert is_error_shape(body), body
+    got, body = request(server, "POST", "/v1/chat/completions", body={**good, "temperature": -1})
+    assert body["error"]["param"] == "temperature" and body["error"]["type"] == "invalid_request_error"
+    got, body = request(server, "POST", "/v1/completions", body={"model": MODEL, "prompt": "x " * 5000})
+    assert got == 400 and body["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    r = client.chat.completions.create(**good)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+
+
+def wait_idle(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, body = request(port, "GET", "/health")
+        if body["running"] == 0 and body["waiting"] == 0:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"the server stayed busy: {body}")
+
+
+def test_client_disconnect_mid_stream(server, client):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0,
+                                  "stream": True}).encode())
+    response = conn.getresponse()
+    assert response.status == 200
+    response.readline()
+    response.readline()
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_idle(server, timeout=10)  # the row left (2000 tokens would take far longer)
+    # a client that gives up on a reply that is not streamed
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=1)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 2000}).encode())
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()
+    wait_idle(server, timeout=10)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+
+
+def test_prompt_cache_across_turns(client, demo):
+    messages = [{"role": "user", "content": PROMPTS[5]}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "for x in items:"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.choices[0].message.content == expected(demo, chat_ids(demo[1], messages), 12)
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+}}]
+
+
+def test_demo_chat_template(demo):
+    import mlx_gemma_mtp.demo as d
+
+    config = json.loads((d.PAIR_DIR / "target" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == d.CHAT_TEMPLATE  # a rebuilt demo pair must keep it
+    _, tok = demo
+    assert tok.has_chat_template
+    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text == "<bos>system: S\nuser: U\nassistant:"
+
+
+def test_tool_call_parsing(demo):
+    _, tok = demo
+    assert tok.has_tool_calling  # mlx-lm picked Gemma 4's parser from the demo's template
+    text = 'Let me look.<|tool_call>call:get_weather{city:<|"|>Paris, {FR}<|"|>,days:3}<tool_call|>'
+    content, calls = split_tool_calls(text, tok, TOOLS)
+    assert content == "Let me look."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris, {FR}", "days": 3})]
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    # streamed a few characters at a time: the same content and call, no marker leaks out
+    splitter = ToolCallSplitter(tok.tool_call_start, tok.tool_call_end, tok.tool_parser, TOOLS)
+    parts = [p for i in range(0, len(text), 3) for p in splitter.feed(text[i:i + 3])] + splitter.finish()
+    assert "".join(v for k, v in parts if k == "content") == "Let me look."
+    assert [c["function"]["name"] for k, v in parts if k == "tool_calls" for c in v] == ["get_weather"]
+    # no call: all content; a broken call stays content
+    assert split_tool_calls("x = 1 < 2", tok, TOOLS) == ("x = 1 < 2", [])
+    broken = "<|tool_call>call:oops{<tool_call|>"
+    assert split_tool_calls(broken, tok, TOOLS) == (broken, [])
+
+
+def test_tools_reach_the_chat_template(client, demo):
+    _, tok = demo
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(chat_ids(tok, messages, TOOLS)) > len(chat_ids(tok, messages))
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
+                                       max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(chat_ids(tok, messages))
+    # a round trip: the assistant's call and the tool's answer go back through the template
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4, temperature=0)
+    as_template = history[:1] + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    assert r.usage.prompt_tokens == len(chat_ids(tok, as_template, TOOLS))
+    assert "call:get_weather" in tok.decode(chat_ids(tok, as_template, TOOLS))
+
+
+# --- the queue -----------------------------------------------------------------------------------
+
+
+def test_full_queue_answers_429():
+    worker = Worker(loader=None, max_queue=1)
+    job = Job([1], None, [], None, {}, None, None)
+    worker.submit(job)
+    with pytest.raises(APIError) as e:
+        worker.submit(job)
+    assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
+
+
+def test_concurrent_clients(server, demo):
+    """8 clients x 6 requests: mixed lengths, half streamed, a quarter cancelled midway."""
+    lengths = [6, 20, 36]
+    want = {(p, n): expected(demo, PROMPTS[p], n) for p in range(len(PROMPTS)) for n in lengths}
+    base = f"http://127.0.0.1:{server}/v1"
+
+    def client_run(c):
+        cl = openai.OpenAI(base_url=base, api_key="x", timeout=120, max_retries=0)
+        results = []
+        for i in range(6):
+            j = c * 6 + i
+            p, n = (c + i) % len(PROMPTS), lengths[j % 3]
+            stream, cancel = j % 2 == 1, j % 4 == 1
+            if not stream:
+                r = cl.completions.create(model=MODEL, prompt=PROMPTS[p], max_tokens=n, temperature=0)
+                results.append(("done", p, n, r.choices[0].text))
+                continue
+            s = cl.completions.create(model=MODEL, prompt=PROMPTS[p], max_tokens=n, temperature=0, stream=True)
+            parts = []
+            for chunk in s:
+                if chunk.choices:
+                    parts.append(chunk.choices[0].text)
+                if cancel and len(parts) >= 2:
+                    s.close()
+                    break
+            results.append(("cancelled" if cancel else "done", p, n, "".join(parts)))
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(client_run, range(8)) for r in rs]
+    assert len(results) == 48
+    assert sum(kind == "cancelled" for kind, *_ in results) == 12
+    for kind, p, n, text in results:
+        if kind == "done":
+            assert text == want[(p, n)], (p, n)
+        else:
+            assert want[(p, n)].startswith(text)
+    wait_idle(server)
