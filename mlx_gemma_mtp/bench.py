@@ -441,8 +441,9 @@ def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipe
     # building a round's graph (not queuing it: on the CPU, queuing waits for room behind the
     # round before)
     build = sum(submits[n][1] - submits[n][0] for n in steady)
-    # idle: the next round was queued only after this one's results were in
-    idle = sum(max(0.0, submits[n + 1][2] - reads[n]) for n in steady if submits[n + 1][0] >= reads[n])
+    # idle: the device waits from a round's results to the next round's graph, when that graph
+    # was only started after the results were in
+    idle = sum(max(0.0, submits[n + 1][1] - reads[n]) for n in steady if submits[n + 1][0] >= reads[n])
     timed = [ks[n] for n in sorted(reads) if n > first_round]
     return BatchRun([out[u] for u in uids], seconds, decoded, len(steady), build, idle, stats, timed)
 

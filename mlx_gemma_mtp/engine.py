@@ -30,6 +30,7 @@ from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
 from .sampling import Sampling, group_key, process, strategy_of
 
 PREFILL_STEP = 512
+IDLE_PREFILL_CHUNKS = 8  # prefill chunks per step while no row is decoding
 
 
 @dataclass
@@ -172,39 +173,82 @@ class Engine:
 
     def _prefill_chunk(self) -> list:
         """Up to `prefill_step` prompt tokens of waiting rows (several short prompts, or one
-        chunk of a long one); rows whose prompts are done pick their first token and join."""
-        budget, ready, events = self.prefill_step, [], []
+        chunk of a long one); rows whose prompts are done pick their first token and join.
+        Fresh rows with prompts of one length are prefilled together, as rows of one forward."""
+        # while no row decodes, no row waits on prefill: take more at once (fewer, larger joins)
+        budget = self.prefill_step * (1 if self.batch is not None else IDLE_PREFILL_CHUNKS)
+        ready, events = [], []
         while self.waiting and budget > 0:
             row = self.waiting[0]
-            chunk, row.todo = row.todo[:budget], row.todo[budget:]
-            budget -= len(chunk)
-            reserve(row.cache, row.offset + len(chunk))
-            hidden = self.view.hidden(mx.array(chunk, mx.uint32)[None], row.cache)[:, -1:]
-            row.offset += len(chunk)
-            if row.todo:
-                mx.eval([c.state for c in row.cache])
-                break
-            self.waiting.popleft()
-            try:
-                ready.append((row, hidden, self._first_token(row, hidden)))
-            except Exception as e:  # the row's own processors or sampler: only this row ends
-                row.error = f"{type(e).__name__}: {e}"
-                events.append(self._fail(row))
+            group = self._same_length_group(budget)
+            if group:
+                n = len(row.todo)
+                cache = self.view.make_cache(len(group))
+                reserve(cache, n)
+                hidden = self.view.hidden(mx.array([r.todo for r in group], mx.uint32), cache)[:, -1:]
+                for i, r in enumerate(group):
+                    self.waiting.popleft()
+                    r.todo, r.offset = [], n
+                    r.cache = take_rows(cache, mx.array([i]))  # lazy: read only if it never joins
+                budget -= n * len(group)
+            else:
+                chunk, row.todo = row.todo[:budget], row.todo[budget:]
+                budget -= len(chunk)
+                reserve(row.cache, row.offset + len(chunk))
+                hidden = self.view.hidden(mx.array(chunk, mx.uint32)[None], row.cache)[:, -1:]
+                row.offset += len(chunk)
+                if row.todo:
+                    mx.eval([c.state for c in row.cache])
+                    break
+                self.waiting.popleft()
+                group, cache = [row], row.cache
+            firsts = []
+            for i, r in enumerate(group):
+                try:
+                    firsts.append(self._first_token(r, hidden[i : i + 1]))
+                except Exception as e:  # the row's own processors or sampler: only this row ends
+                    r.error = f"{type(e).__name__}: {e}"
+                    firsts.append(None)
+            ready.append((group, cache, hidden, firsts))
         if not ready:
             return events
-        mx.eval([(token, hidden, lp, [c.state for c in row.cache]) for row, hidden, (token, _, lp) in ready])
-        now, joining = time.perf_counter(), []
-        for row, hidden, (token, seed, lp) in ready:
-            row.stats.prompt_seconds, row.started = now - row.started, now
-            if lp is not None:
-                chosen, ids, values = (x.tolist()[0][0] for x in lp)
-                lp = [(chosen, list(zip(ids, values)))]
-            events.append(self._emit(row, [token.item()], [False], lp))
-            if row.finish is None:
-                joining.append((row, token, hidden, seed))
-        if joining:
-            self._join(joining)
+        mx.eval([(hidden, [c.state for c in cache], [f for f in firsts if f]) for _, cache, hidden, firsts in ready])
+        now, parts = time.perf_counter(), []
+        for group, cache, hidden, firsts in ready:
+            keep = []
+            for i, (row, first) in enumerate(zip(group, firsts)):
+                row.stats.prompt_seconds, row.started = now - row.started, now
+                if first is None:
+                    events.append(self._fail(row))
+                    continue
+                token, seed, lp = first
+                if lp is not None:
+                    chosen, ids, values = (x.tolist()[0][0] for x in lp)
+                    lp = [(chosen, list(zip(ids, values)))]
+                events.append(self._emit(row, [token.item()], [False], lp))
+                if row.finish is None:
+                    keep.append(i)
+            if keep:
+                rows = [group[i] for i in keep]
+                if len(keep) < len(group):
+                    cache, hidden = take_rows(cache, mx.array(keep)), mx.take(hidden, mx.array(keep), axis=0)
+                parts.append(([r.uid for r in rows], cache, mx.concatenate([firsts[i][0] for i in keep]), hidden,
+                              mx.concatenate([firsts[i][1] for i in keep])))
+        if parts:
+            self._join(parts)
         return events
+
+    def _same_length_group(self, budget: int) -> list:
+        """Waiting rows from the front that are fresh (nothing cached) with prompts of the first
+        one's length, as many as the budget takes; [] unless there are at least two."""
+        first = self.waiting[0]
+        n = len(first.todo)
+        group = []
+        for row in self.waiting:
+            if row.offset or len(row.todo) != n or n * (len(group) + 1) > budget:
+                break
+            group.append(row)
+        return group if len(group) > 1 else []
 
     def _first_token(self, row: Row, hidden: mx.array) -> tuple:
         sampling = row.request.sampling
@@ -218,12 +262,10 @@ class Engine:
         n = row.request.logprobs
         return token, seed, None if n is None else _logprobs(logits[:, None], token, n)
 
-    def _join(self, joining: list) -> None:
-        """Rows (row, token, hidden, seed) whose prompts are done become rows of the batch."""
+    def _join(self, parts: list) -> None:
+        """Parts (uids, cache, token, hidden, seed) of rows whose prompts are done join the batch."""
         b = self.batch
-        parts = ([] if b is None else [(b.uids, b.cache, b.token, b.hidden, b.seeds)]) + [
-            ([row.uid], row.cache, token, hidden, seed) for row, token, hidden, seed in joining
-        ]
+        parts = ([] if b is None else [(b.uids, b.cache, b.token, b.hidden, b.seeds)]) + parts
         uids, caches, tokens, hiddens, seeds = zip(*parts)
         self.batch = Batch(
             [u for part in uids for u in part], concat_rows(caches), mx.concatenate(tokens),

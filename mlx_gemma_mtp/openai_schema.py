@@ -1,10 +1,11 @@
 """Request bodies of the OpenAI-compatible server (`gemma-mtp serve`), as pydantic models.
 
-The models check types only; the values are checked where they are used (server.py and the API's
-boundary, `api.make_request`), so that a nonsense value gets OpenAI's 400 with a one-line message,
-and a field of the wrong type gets 422. Fields OpenAI defines that this server does not read are
-ignored, as OpenAI-compatible servers do; the few that would change the answer's meaning and are
-not supported (n > 1, echo, suffix, best_of > 1, a structured response_format) are refused.
+The models check types only; the values are checked where they are used (server.py,
+serve_requests.py and the API's boundary, `api.make_request`), so that a nonsense value gets
+OpenAI's 400 with a one-line message, and a field of the wrong type gets 422. Fields OpenAI defines
+that this server does not read are ignored, as OpenAI-compatible servers do; the few that would
+change the answer's meaning and are not supported (n > 1, echo, suffix, best_of > 1, a structured
+response_format) are refused.
 """
 
 from typing import Any, Literal, Optional, Union

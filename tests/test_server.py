@@ -19,9 +19,8 @@ pytest.importorskip("fastapi")
 
 from mlx_gemma_mtp import generate, stream_generate  # noqa: E402
 from mlx_gemma_mtp.demo import load_demo  # noqa: E402
-from mlx_gemma_mtp.server import (  # noqa: E402
-    APIError, Job, TextStream, ToolCallSplitter, Worker, held_suffix, split_tool_calls,
-)
+from mlx_gemma_mtp.serve_text import TextStream, ToolCallSplitter, held_suffix, split_tool_calls  # noqa: E402
+from mlx_gemma_mtp.server import APIError, Job, Worker  # noqa: E402
 
 MODEL = "gemma-mtp-demo"
 K = 3  # a fixed draft length: seeded sampling repeats only with one

@@ -1,0 +1,197 @@
+"""The requests of `gemma-mtp serve`: checked, templated and encoded on the event loop.
+
+`Server` holds what the HTTP handlers share (the engine thread, the tokenizer, the served model's
+name). It renders chat templates (OpenAI messages as chat-template messages, the tools the template
+sees), encodes completion prompts, checks prompt lengths and every setting against OpenAI's limits
+and the model's, and builds each row's `Job` with its `engine.Request`, without MLX (processors that
+need arrays are built in the engine thread). A refused request is an `APIError` naming its parameter.
+"""
+
+import asyncio
+import json
+import math
+import random
+import time
+from typing import Optional
+
+from .errors import MTPError
+from .openai_schema import ChatCompletionRequest, CompletionRequest
+from .server import APIError, Job, Worker, bad
+
+MAX_STOPS = 4  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # the engine's limit (and OpenAI's for chat)
+
+
+def message_text(content, where: str) -> Optional[str]:
+    if content is None or isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise bad(f"{where}: only text content parts are supported, got '{part.type}'", "messages")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def template_messages(body: ChatCompletionRequest) -> list:
+    """OpenAI messages as chat-template messages (tool call arguments as dicts, as templates
+    such as Gemma 4's expect)."""
+    out = []
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, where)}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                arguments = call.function.arguments
+                if isinstance(arguments, str):
+                    try:
+                        arguments = json.loads(arguments) if arguments.strip() else {}
+                    except json.JSONDecodeError:
+                        raise bad(f"{where}: tool call arguments are not JSON", "messages") from None
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments or {}}})
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out
+
+
+def chosen_tools(body: ChatCompletionRequest) -> Optional[list]:
+    """The tools the template sees: none for tool_choice "none", one for a named function."""
+    tools, choice = body.tools, body.tool_choice
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        named = [t for t in tools if (t.get("function") or {}).get("name") == name]
+        if not named:
+            raise bad(f"tool_choice names '{name}', which is not among the tools", "tool_choice")
+        return named
+    if choice not in (None, "auto", "required"):
+        raise bad(f"tool_choice must be 'none', 'auto', 'required' or a function, got {choice!r}", "tool_choice")
+    return tools
+
+
+def check_number(value, name: str, low: float, high: float) -> None:
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise bad(f"{name} must be between {low:g} and {high:g}, got {value}", name)
+
+
+class Server:
+    """What the HTTP handlers share: the engine thread, the tokenizer, the served model's name."""
+
+    def __init__(self, worker: Worker, model_id: str, default_max_tokens: int = 512):
+        self.worker, self.model_id, self.default_max_tokens = worker, model_id, default_max_tokens
+        self.pair, self.tokenizer = worker.pair, worker.tokenizer
+        self.created = int(time.time())
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_id}'",
+                           "model", "model_not_found")
+
+    def check_length(self, ids: list) -> None:
+        context = self.pair.view.args.max_position_embeddings
+        if len(ids) >= context:
+            raise bad(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens",
+                      "messages", "context_length_exceeded")
+
+    def chat_ids(self, body: ChatCompletionRequest) -> tuple:
+        if not self.tokenizer.has_chat_template:
+            raise bad("the model's tokenizer has no chat template: use /v1/completions", "messages")
+        messages, tools = template_messages(body), chosen_tools(body)
+        try:
+            with self.worker.tokenizer_lock:
+                ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        except Exception as e:  # the template refused the conversation
+            raise bad(f"the chat template could not render the messages: {e}", "messages") from None
+        ids = list(ids)
+        self.check_length(ids)
+        return ids, tools
+
+    def completion_ids(self, body: CompletionRequest) -> list:
+        from .api import prompt_ids
+
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise bad("one prompt per request is supported", "prompt", "unsupported_value")
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            vocab = self.pair.view.args.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise bad(f"the prompt's token ids must be in [0, {vocab})", "prompt")
+        else:
+            with self.worker.tokenizer_lock:
+                prompt = self.tokenizer.encode(prompt) if prompt else []
+        if not prompt:
+            raise bad("the prompt is empty", "prompt")
+        self.check_length(prompt)
+        try:
+            return prompt_ids(self.pair, self.tokenizer, prompt)
+        except MTPError as e:
+            raise bad(str(e), "prompt") from None
+
+    def job(self, body, ids: list, max_tokens: Optional[int], top_logprobs: Optional[int]) -> Job:
+        """Check the settings and build the row's Request (without MLX: processors that need
+        arrays are built in the engine thread)."""
+        from .api import make_request
+        from .limits import check_draft_tokens
+
+        if body.n not in (None, 1):
+            raise bad("n > 1 is not supported: send one request per choice", "n", "unsupported_value")
+        if max_tokens is None:
+            max_tokens = self.default_max_tokens
+        if max_tokens < 1:
+            raise bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOPS:
+            raise bad(f"at most {MAX_STOPS} stop strings, got {len(stops)}", "stop")
+        if any(not s for s in stops):
+            raise bad("stop strings must not be empty", "stop")
+        check_number(body.presence_penalty, "presence_penalty", -2, 2)
+        check_number(body.frequency_penalty, "frequency_penalty", -2, 2)
+        bias = None
+        if body.logit_bias:
+            vocab, bias = self.pair.view.args.vocab_size, {}
+            for key, value in body.logit_bias.items():
+                try:
+                    token = int(key)
+                except ValueError:
+                    raise bad(f"logit_bias keys must be token ids, got '{key}'", "logit_bias") from None
+                if not 0 <= token < vocab:
+                    raise bad(f"logit_bias token {token} is outside the vocabulary [0, {vocab})", "logit_bias")
+                check_number(value, "logit_bias", -100, 100)
+                bias[token] = value
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}", "top_logprobs")
+        if body.num_draft_tokens is not None:
+            try:
+                asked = check_draft_tokens(body.num_draft_tokens)
+            except MTPError as e:
+                raise bad(str(e), "num_draft_tokens") from None
+            if asked != self.worker.draft_tokens:
+                raise bad(f"num_draft_tokens is set for the whole server ({self.worker.draft_tokens}: one batch "
+                          f"drafts one length); this request asked for {asked}", "num_draft_tokens",
+                          "unsupported_value")
+        temperature = 1.0 if body.temperature is None else body.temperature
+        seed = body.seed
+        if seed is None and not (isinstance(temperature, (int, float)) and temperature == 0):
+            seed = random.randrange(2**31)  # what Sampling would draw, without touching MLX here
+        kwargs = dict(temperature=temperature, seed=seed)
+        for name in ("top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size"):
+            if getattr(body, name) is not None:
+                kwargs[name] = getattr(body, name)
+        try:
+            request = make_request(self.pair, self.tokenizer, len(ids), max_tokens, **kwargs)
+        except MTPError as e:  # its messages begin with the argument's name
+            name = str(e).split(" ", 1)[0]
+            raise bad(str(e), name if name in type(body).model_fields else None) from None
+        loop = asyncio.get_running_loop()
+        processors = {"logit_bias": bias, "presence_penalty": body.presence_penalty,
+                      "frequency_penalty": body.frequency_penalty}
+        return Job(ids, request, stops, top_logprobs, processors, loop, asyncio.Queue())
