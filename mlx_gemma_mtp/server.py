@@ -22,6 +22,7 @@ A client that goes away is removed from the batch before the next round. Request
 import asyncio
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -146,8 +147,13 @@ class Worker(threading.Thread):
         return self.setting if self.pair is not None and self.pair.drafter is not None else 0
 
     def status(self) -> dict:
+        import mlx.core as mx  # a read of the allocator's counters, safe from any thread
+
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return {"running": len(self.active), "waiting": self.queued, "prompt_cache_entries": len(self.pool.entries),
-                "prompt_cache_bytes": self.pool.bytes}
+                "prompt_cache_bytes": self.pool.bytes, "mlx_active_bytes": mx.get_active_memory(),
+                "resident_bytes": rss}
 
     # --- the engine thread ---
 

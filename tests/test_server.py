@@ -453,13 +453,20 @@ def test_concurrent_clients(server, demo):
             results.append(("cancelled" if cancel else "done", p, n, "".join(parts)))
         return results
 
+    client_run(8)  # warm-up: six requests like the load
+    before = wait_idle(server)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = [r for rs in pool.map(client_run, range(8)) for r in rs]
-    assert len(results) == 48
+    assert len(results) == 48  # 8 clients x 6
     assert sum(kind == "cancelled" for kind, *_ in results) == 12
     for kind, p, n, text in results:
         if kind == "done":
             assert text == want[(p, n)], (p, n)
         else:
             assert want[(p, n)].startswith(text)
-    wait_idle(server)
+    after = wait_idle(server)
+    assert after["running"] == 0 and after["waiting"] == 0  # cancelled rows have left the batch
+    # memory back to the warm-up level (the prompt cache pool is bounded and counted apart)
+    pool_growth = after["prompt_cache_bytes"] - before["prompt_cache_bytes"]
+    assert after["mlx_active_bytes"] - pool_growth <= 1.05 * before["mlx_active_bytes"], (before, after)
+    assert after["resident_bytes"] - max(pool_growth, 0) <= 1.05 * before["resident_bytes"], (before, after)
