@@ -1,6 +1,6 @@
 """Memory of a long batched run: rows x tokens on the demo pair, sampled every `--every` rounds.
 
-    python benchmarks/batch_memory.py [--rows 4] [--tokens 2000] [--k adaptive] [--json out.json]
+    python benchmarks/batch_memory.py [--rows 4] [--tokens 2000] [--k adaptive] [--json out.json] [--plot out.png]
 
 Reports MLX's active memory, the caches' own bytes, their difference (what is not the caches),
 and the process's resident memory. What is not the caches must stay flat while the caches grow.
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--k", default="adaptive")
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="needs matplotlib")
     opts = ap.parse_args()
 
     pair, tokenizer = demo.load_demo()
@@ -56,9 +57,34 @@ def main():
     growth = last["not_cache_bytes"] - first["not_cache_bytes"]
     print(f"beyond the caches: {growth / 1e6:+.2f} MB from the first sample to the last; "
           f"caches {first['cache_bytes'] / 1e6:.1f} -> {last['cache_bytes'] / 1e6:.1f} MB")
+    report = {"rows": opts.rows, "tokens": opts.tokens, "k": opts.k, "samples": samples}
     if opts.json:
-        opts.json.write_text(json.dumps({"rows": opts.rows, "tokens": opts.tokens, "k": opts.k, "samples": samples},
-                                        indent=2) + "\n")
+        opts.json.write_text(json.dumps(report, indent=2) + "\n")
+    if opts.plot:
+        plot(report, opts.plot)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["samples"]
+    x = [v["round"] for v in s]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("active_bytes", "MLX active"), ("cache_bytes", "caches"), ("not_cache_bytes", "active - caches")):
+        ax.plot(x, [v[key] / 1e6 for v in s], label=label)
+    rss = ax.twinx()
+    rss.plot(x, [v["rss_bytes"] / 1e6 for v in s], "k--", label="RSS (right)")
+    ax.set_xlabel("engine steps")
+    ax.set_ylabel("MB")
+    rss.set_ylabel("RSS MB")
+    ax.set_title(f"demo pair, {report['rows']} rows x {report['tokens']} tokens, K={report['k']}")
+    ax.legend(loc="upper left")
+    rss.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":
