@@ -416,6 +416,13 @@ def create_app(server: "Server") -> FastAPI:
             else:
                 return "".join(text), entries, item[1], item[2]
 
+    async def begin(job: Job, http: HTTPRequest, stream: bool):
+        """Queue the job; for a whole (not streamed) reply, wait for all of it. None: the client
+        went away."""
+        if await start(job, http) is None:
+            return None
+        return True if stream else await collect(job, http)
+
     def gone():
         return JSONResponse({"error": {"message": "client closed the request", "type": "invalid_request_error",
                                        "param": None, "code": None}}, status_code=499)
@@ -435,13 +442,11 @@ def create_app(server: "Server") -> FastAPI:
         base = {"id": rid, "created": created, "model": server.model_id}
         tok = server.tokenizer
         use_tools = tools is not None and tok.has_tool_calling
-        if await start(job, http) is None:
+        result = await begin(job, http, body.stream)
+        if result is None:
             return gone()
 
         if not body.stream:
-            result = await collect(job, http)
-            if result is None:
-                return gone()
             text, entries, reason, usage = result
             message = {"role": "assistant", "content": text}
             if use_tools:
@@ -519,13 +524,11 @@ def create_app(server: "Server") -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id}
         want_lp = body.logprobs is not None
-        if await start(job, http) is None:
+        result = await begin(job, http, body.stream)
+        if result is None:
             return gone()
 
         if not body.stream:
-            result = await collect(job, http)
-            if result is None:
-                return gone()
             text, entries, reason, usage = result
             choice = {"index": 0, "text": text, "logprobs": completion_logprobs(entries, 0) if want_lp else None,
                       "finish_reason": reason}
