@@ -1,6 +1,7 @@
 """`gemma-mtp generate` (one prompt, streamed) and `gemma-mtp chat` (a multi-turn REPL)."""
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import click
 from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.errors import MTPError
 from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, fit_max_tokens
+from mlx_gemma_mtp.sharding import is_writer, launched
 
 INTERRUPTED = 130  # the shell's exit status for SIGINT
 
@@ -70,6 +72,46 @@ def model_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def cache_options(f):
+    """The KV cache and prefill flags `generate`, `chat` and `serve` share (mlx-lm's names)."""
+    options = [
+        click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+                     help="Quantize the KV cache to this many bits (default: a float cache)."),
+        click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                     help="Group size of the KV cache quantization (along the head dimension)."),
+        click.option("--quantized-kv-start", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Quantize the KV cache once the context passes this many tokens (0: from the first)."),
+        click.option("--prefill-step-size", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Most prompt tokens one prefill forward takes (bounds the prefill's activations)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size) -> dict:
+    return {"kv_bits": None if kv_bits is None else int(kv_bits), "kv_group_size": int(kv_group_size),
+            "quantized_kv_start": quantized_kv_start, "prefill_step_size": prefill_step_size}
+
+
+PROGRESS_FROM = 4096  # prompts longer than this show a prefill progress bar on stderr
+
+
+def prefill_bar(prompt_tokens: int):
+    """(callback, close) for a prefill progress bar, or (None, no-op) for a short prompt."""
+    if prompt_tokens <= PROGRESS_FROM:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=prompt_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False)
+
+    def update(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
 
 
 # ---- loading and prompts --------------------------------------------------------------------
@@ -184,15 +226,18 @@ def stream(pair, tokenizer, prompt, tally, **kwargs):
     from mlx_gemma_mtp import stream_generate
 
     parts, last = [], None
-    responses = stream_generate(pair, tokenizer, prompt, **kwargs)
+    progress, close_bar = prefill_bar(len(prompt))
+    responses = stream_generate(pair, tokenizer, prompt, prefill_progress=progress, **kwargs)
     try:
         for r in responses:
+            close_bar()
             tally.add(r)
             sys.stdout.write(r.text)
             sys.stdout.flush()
             parts.append(r.text)
             last = r
     finally:
+        close_bar()
         responses.close()  # on Ctrl-C too: the generator settles its prompt cache now, not at GC
     return "".join(parts), last
 
@@ -234,6 +279,7 @@ def report(last, drafting, verbose):
 
 @main.command()
 @model_options
+@cache_options
 @click.option("--prompt", metavar="TEXT", help="The prompt ('-' or absent: read stdin).")
 @click.option("--chat/--raw", "use_chat", default=None,
               help="Apply the tokenizer's chat template (system + user turn; the default), or send the prompt "
@@ -242,19 +288,25 @@ def report(last, drafting, verbose):
               help="Use the bundled demo pair (a small Gemma 4 trained on Python's standard library): "
                    "works offline, completes Python source.")
 def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
-             repetition_penalty, seed, verbose, prompt, use_chat, demo):
+             repetition_penalty, seed, verbose, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size,
+             prompt, use_chat, demo):
     """Generate a reply to one prompt, streamed to stdout; a summary goes to stderr."""
     if demo and use_chat:
         raise click.UsageError("the demo pair is a raw-text model (its plain chat template is for serve): drop --chat")
     use_chat = not demo if use_chat is None else use_chat
+    if launched() and prompt in (None, "-"):
+        raise click.UsageError("under mlx.launch pass the prompt with --prompt (stdin reaches one process only)")
     text, system = read_prompt(prompt), argument_text(system, "--system")
     if system and not use_chat:
         raise click.UsageError("--system needs the chat template (drop --raw)")
     pair, tokenizer = load_model(model, draft_model, no_draft, demo)
+    quiet = not is_writer(pair.group)
+    if quiet:  # every rank decodes the same tokens: rank 0 writes them
+        sys.stdout = open(os.devnull, "w")
     ids = chat_tokens(tokenizer, messages_for(system, text)) if use_chat else tokenizer.encode(text)
     max_tokens = fit_max_tokens(len(ids), max_tokens, pair.view.args.max_position_embeddings)
     drafting = draft_tokens(pair, num_draft_tokens) != 0
-    if verbose:
+    if verbose and not quiet:
         click.echo(f"prompt: {len(ids)} tokens ({'chat template' if use_chat else 'raw'}), "
                    f"drafter: {'yes' if pair.drafter is not None else 'none'}", err=True)
 
@@ -265,6 +317,7 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
     try:
         reply, last = stream(pair, tokenizer, ids, tally, max_tokens=max_tokens,
                          num_draft_tokens=draft_tokens(pair, num_draft_tokens),
+                         **cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size),
                          **sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed))
     except KeyboardInterrupt:
         sys.stdout.write("\n")
@@ -274,7 +327,8 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
     if not reply.endswith("\n"):
         sys.stdout.write("\n")  # end the line for the shell, not a second one
         sys.stdout.flush()
-    report(last, drafting, verbose)
+    if not quiet:
+        report(last, drafting, verbose)
 
 
 HELP = "commands: /reset (new conversation), /stats (the last reply), /quit (or end of input)"
@@ -282,17 +336,21 @@ HELP = "commands: /reset (new conversation), /stats (the last reply), /quit (or 
 
 @main.command()
 @model_options
+@cache_options
 def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
-         repetition_penalty, seed, verbose):
+         repetition_penalty, seed, verbose, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size):
     """Chat on stdin/stdout, keeping the KV cache between turns."""
     from mlx_gemma_mtp import make_prompt_cache
 
+    if launched():
+        raise MTPError("chat does not run over several processes (mlx.launch); use generate --prompt")
     system = argument_text(system, "--system")
     pair, tokenizer = load_model(model, draft_model, no_draft)
     if not getattr(tokenizer, "has_chat_template", False):
         raise MTPError("the model's tokenizer has no chat template, which chat needs")
     k = draft_tokens(pair, num_draft_tokens)
     sampling = sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    sampling.update(cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size))
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(HELP, err=True)

@@ -5,7 +5,8 @@ import os
 import click
 
 from mlx_gemma_mtp.cli import main
-from mlx_gemma_mtp.cli.generate_command import DraftTokens, load_model
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.cli.generate_command import DraftTokens, cache_kwargs, cache_options, load_model
 
 DEMO_MODEL_ID = "gemma-mtp-demo"
 
@@ -39,13 +40,21 @@ def model_id_of(model, demo):
               help="Tokens generated for a request that does not set max_tokens.")
 @click.option("--model-id", metavar="NAME", help="The name clients use for the model (default: the folder's "
                                                   "name or repo id; 'gemma-mtp-demo' with --demo).")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (e.g. https://chat.example.com) whose pages may call the API from a browser; "
+                   "pages served from localhost may by default. Repeatable; '*' allows any.")
+@cache_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, num_draft_tokens,
-          prompt_cache_bytes, max_tokens, model_id, log_level):
+          prompt_cache_bytes, max_tokens, model_id, allow_origins, kv_bits, kv_group_size, quantized_kv_start,
+          prefill_step_size, log_level):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     from mlx_gemma_mtp.server import serve as run
+    from mlx_gemma_mtp.sharding import launched
 
+    if launched():  # the other ranks would have to follow rank 0's batch round by round: not built yet
+        raise MTPError("serve does not run over several processes (mlx.launch) yet; use generate --prompt")
     if no_draft and draft_model:
         raise click.UsageError("--no-draft and --draft-model contradict each other")
     if demo and (model or draft_model):
@@ -62,4 +71,6 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
 
     run(lambda: load_model(model, draft_model, no_draft, demo), name, host=host, port=port, max_batch=max_batch,
         num_draft_tokens=num_draft_tokens, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes,
-        default_max_tokens=max_tokens, log_level=log_level, on_ready=ready)
+        default_max_tokens=max_tokens, log_level=log_level, on_ready=ready,
+        cache_options=cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size),
+        allow_origins=allow_origins)

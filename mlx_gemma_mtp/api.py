@@ -13,9 +13,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.sample_utils import make_repetition_penalty
 
 from .decode import Pair, PromptCache, Stats
-from .engine import Engine, Request
+from .engine import PREFILL_STEP, Engine, Request
 from .errors import MTPError
 from .limits import check_draft_tokens, fit_max_tokens
+from .quantized_cache import check_kv_quant
 from .loading import load  # noqa: F401  (the API's `load`)
 from .sampling import Sampling
 
@@ -89,10 +90,18 @@ def make_request(
     return Request(max_tokens, sampling, frozenset(tokenizer.eos_token_ids or ()), prompt_cache, draft_filter)
 
 
-def _engine(pair: Pair, num_draft_tokens) -> Engine:
+def _engine(pair: Pair, num_draft_tokens, kv_bits=None, kv_group_size=64, quantized_kv_start=0,
+            prefill_step_size=PREFILL_STEP) -> Engine:
+    """The engine for one call. kv_bits (4 or 8) quantizes the KV cache in groups of
+    kv_group_size along the head dimension, once the context passes quantized_kv_start tokens
+    (0: from the first); prefill_step_size bounds the tokens of one prefill forward."""
     if not isinstance(pair, Pair):
         raise MTPError(f"pair must be a Pair from load(), got {type(pair).__name__}")
-    return Engine(pair, check_draft_tokens(num_draft_tokens) if pair.drafter is not None else 0)
+    kv_quant = check_kv_quant(kv_bits, kv_group_size, quantized_kv_start, pair.view.args)
+    if isinstance(prefill_step_size, bool) or not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise MTPError(f"prefill_step_size must be a whole number >= 1, got {prefill_step_size!r}")
+    return Engine(pair, check_draft_tokens(num_draft_tokens) if pair.drafter is not None else 0,
+                  prefill_step=prefill_step_size, kv_quant=kv_quant)
 
 
 def stream_generate(
@@ -101,6 +110,11 @@ def stream_generate(
     prompt: Union[str, list],
     max_tokens: int = 256,
     num_draft_tokens: Union[int, str] = "adaptive",
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    prefill_step_size: int = PREFILL_STEP,
+    prefill_progress: Optional[Callable] = None,
     **kwargs,
 ) -> Iterator[Response]:
     """Yield a Response per generated token; the last one carries `stats` and `finish_reason`.
@@ -112,20 +126,29 @@ def stream_generate(
     follows the target's own distribution exactly. `prompt_cache` (from `make_prompt_cache`) keeps
     the KV cache between calls: pass the whole conversation each time and only what the cache does
     not already hold is computed.
+
+    `kv_bits` (4 or 8; None: float) quantizes the KV cache (groups of `kv_group_size` along the
+    head dimension) once the context passes `quantized_kv_start` tokens (0: from the first), as
+    mlx-lm's arguments of those names; `prefill_step_size` is the most prompt tokens one forward
+    takes. `prefill_progress(done, total)` is called as the prompt is prefilled.
     """
-    engine = _engine(pair, num_draft_tokens)
+    engine = _engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
     ids = prompt_ids(pair, tokenizer, prompt)
     request = make_request(pair, tokenizer, len(ids), max_tokens, **kwargs)
     if request.max_tokens == 0:
         return
     uid = engine.insert(ids, request)
     stats = engine.rows[uid].stats
+    row = engine.rows[uid]
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     last = None
     try:
         while engine.busy:
-            for event in engine.step():
+            events = engine.step()
+            if prefill_progress is not None and not row.emitted:
+                prefill_progress(row.offset, len(ids))
+            for event in events:
                 if event.finish_reason == "error":
                     raise MTPError(f"generation failed: {event.error}")
                 for token, from_draft in zip(event.tokens, event.from_draft):
@@ -166,13 +189,18 @@ def batch_generate(
     max_tokens: Union[int, list] = 256,
     num_draft_tokens: Union[int, str] = "adaptive",
     max_batch: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    prefill_step_size: int = PREFILL_STEP,
     **kwargs,
 ) -> BatchResponse:
     """Generate for several prompts as rows of one batch (each row's output is what
     `generate` gives it alone). `max_tokens` and every keyword of `make_request` may be one value
     for all rows or a list with one per prompt; `prompt_cache` is per prompt (a list). At most
-    `max_batch` rows decode at once (default: all); the others join as rows finish."""
-    engine = _engine(pair, num_draft_tokens)
+    `max_batch` rows decode at once (default: all); the others join as rows finish. The KV cache
+    and prefill settings are `stream_generate`'s, for the whole batch."""
+    engine = _engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise MTPError("prompts must be a non-empty list of prompts")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):

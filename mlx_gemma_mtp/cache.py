@@ -151,6 +151,9 @@ def take_rows(cache: list, rows: mx.array) -> list:
     """A new cache list holding `rows` (indices) of `cache`."""
     out = []
     for c in cache:
+        if hasattr(c, "take"):  # quantized_cache.py's layouts copy themselves
+            out.append(c.take(rows))
+            continue
         new = FullCache() if isinstance(c, FullCache) else SlidingCache(c.window)
         if c.keys is not None:
             new.keys, new.values = mx.take(c.keys, rows, axis=0), mx.take(c.values, rows, axis=0)
@@ -170,6 +173,10 @@ def concat_rows(caches: list) -> list:
         filled = [c for c in layer if c.keys is not None]
         if len(filled) != len(layer):
             raise ValueError("every row must be prefilled before it joins a batch")
+        quantized = next((c for c in layer if hasattr(c, "concat")), None)
+        if quantized is not None:  # quantized_cache.py: float rows joining are quantized
+            out.append(quantized.concat(layer))
+            continue
         if isinstance(first, FullCache):
             size = max(c.capacity for c in layer)
             for c in layer:

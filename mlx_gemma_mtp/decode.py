@@ -3,6 +3,7 @@
 The round loop itself is in engine.py.
 """
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,9 +14,9 @@ from .cache import REUSE_ROLLBACK, set_offset
 from .drafter import Drafter
 from .target import TargetView, target_view
 
-# Distinct input shapes (batch size, full-cache capacity) the compiled draft step keeps traces
+# Distinct input shapes (batch size, tokens, full-cache capacity) each compiled step keeps traces
 # for; past this it starts afresh, so a long-lived process holds a bounded number of traces.
-MAX_DRAFT_TRACES = 32
+MAX_TRACES = 32
 
 
 @dataclass
@@ -25,13 +26,17 @@ class Pair:
     # the adaptive draft policy per batch size (engine.py): what it learns carries over between calls
     adaptive: dict = field(default_factory=dict, repr=False)
     compile_draft: bool = True  # run the draft step through mx.compile (False: eager)
+    compile_verify: bool = True  # run the target's decode forward through mx.compile (False: eager)
     target_config: Optional[dict] = field(default=None, repr=False)  # normalized (config.py)
     draft_config: Optional[dict] = field(default=None, repr=False)
+    group: Optional[object] = field(default=None, repr=False)  # mx.distributed group the target is split over (sharding.py)
 
     def __post_init__(self):
         self.view: TargetView = target_view(self.target)
         self._compiled_step = None
         self._traced_shapes = set()
+        self._compiled_verify = None
+        self._verify_shapes = set()
 
     def draft_step(self):
         """The drafter's step: (token [B, 1], hidden [B, 1, H], K/V, masks, positions [B]) ->
@@ -45,16 +50,55 @@ class Pair:
 
         if not self.compile_draft:
             return step
-        if self._compiled_step is None or len(self._traced_shapes) > MAX_DRAFT_TRACES:
+        if self._compiled_step is None or len(self._traced_shapes) > MAX_TRACES:
             self._compiled_step = mx.compile(step, inputs=[drafter.state, view.text.model.embed_tokens.state])
             self._traced_shapes = set()
         compiled, shapes = self._compiled_step, self._traced_shapes
 
         def traced(token, hidden, kv, masks, position):
-            shapes.add((token.shape[0], kv["full_attention"][0].shape[2]))
+            keys = kv["full_attention"][0]  # an array, or a quantized cache's triple
+            shapes.add((token.shape[0], tuple(x.shape for x in (keys if isinstance(keys, tuple) else (keys,)))))
             return compiled(token, hidden, kv, masks, position)
 
         return traced
+
+    def verify(self, tokens: mx.array, cache: list) -> tuple:
+        """The target's forward over a round's tokens [B, n]: (final-norm hidden [B, n, H],
+        logits [B, n, V]), writing each row's n entries at its offset. Compiled unless
+        `compile_verify` is off, so that the graph of a decode forward (dozens of small ops per
+        layer) is built once per shape instead of every round: the host's share of a round falls,
+        and elementwise ops are fused."""
+        view = self.view
+        if not self.compile_verify:
+            hidden = view.hidden(tokens, cache)
+            return hidden, view.logits(hidden)
+
+        def forward(tokens, offset, states):
+            # traced with the cache of the call that met these shapes first: its host settings
+            # (window, capacity, bits) are what the shapes imply
+            clones = [copy.copy(c) for c in self._verify_cache]
+            for c, (keys, values) in zip(clones, states):
+                c.keys, c.values, c.offset = keys, values, offset
+            hidden = view.hidden(tokens, clones)
+            return hidden, view.logits(hidden), [(c.keys, c.values) for c in clones]
+
+        states = [(c.keys, c.values) for c in cache]
+        shape = (tokens.shape, tuple(a.shape for s in states for a in _leaves(s)))
+        if self._compiled_verify is None or (shape not in self._verify_shapes and len(self._verify_shapes) >= MAX_TRACES):
+            self._compiled_verify = mx.compile(forward, inputs=[view.text.state])
+            self._verify_shapes = set()
+        self._verify_shapes.add(shape)
+        self._verify_cache = cache
+        offset = cache[0].offset
+        hidden, logits, states = self._compiled_verify(tokens, offset, states)
+        self._verify_cache = None
+        for c, (keys, values) in zip(cache, states):
+            c.keys, c.values, c.offset = keys, values, offset + tokens.shape[1]
+        return hidden, logits
+
+
+def _leaves(x):
+    return [a for part in x for a in (part if isinstance(part, tuple) else (part,))]
 
 
 @dataclass

@@ -26,6 +26,7 @@ from mlx_lm.models import gemma4_text
 from .checkpoint import load_tensors, read_config, weight_files
 from .config import normalize_draft_config
 from .errors import MTPError
+from .quantized_cache import reader_for
 
 SharedKV = Dict[str, Tuple[mx.array, mx.array]]
 
@@ -169,7 +170,9 @@ class Drafter(nn.Module):
         x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
         for layer in self.model.layers:
             kind = layer.layer_type
-            x, _, _ = layer(x, masks[kind], None, shared_kv=kv[kind], offset=position)
+            # quantized producer K/V (quantized_cache.py): a reader gives mlx-lm's attention their settings
+            reader = reader_for(kv[kind], layer.self_attn.head_dim)
+            x, _, _ = layer(x, masks[kind], reader, shared_kv=kv[kind], offset=position)
         h = self.model.norm(x)
         return h, self.post_projection(h)
 

@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from .adaptive import AdaptiveDraft
 from .cache import concat_rows, reserve, set_offset, take_rows
+from .quantized_cache import is_quantized, quantize_cache
 from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
 from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
 from .sampling import Sampling, group_key, process, strategy_of
@@ -115,11 +116,12 @@ class FixedDraft:
 
 class Engine:
     def __init__(self, pair: Pair, num_draft_tokens="adaptive", prefill_step: int = PREFILL_STEP,
-                 pipelined: bool = True):
+                 pipelined: bool = True, kv_quant=None):
         self.pair, self.view = pair, pair.view
         self.num_draft_tokens = check_draft_tokens(num_draft_tokens)
         self.prefill_step = prefill_step
         self.pipelined = pipelined  # False: read each round before building the next (to measure what it buys)
+        self.kv_quant = kv_quant  # quantized_cache.KVQuant, or None: float caches
         self.rows: dict = {}  # uid -> Row, joined or waiting
         self.waiting: deque = deque()  # rows still to prefill, in order
         self.batch: Optional[Batch] = None
@@ -129,6 +131,7 @@ class Engine:
         self.trace: Optional[list] = None
         self._uid = self._rounds = 0
         self._last_read = None
+        self._round_seconds: dict = {}  # round number -> the read interval its computation filled
 
     # --- rows join and leave ------------------------------------------------------------------
 
@@ -138,6 +141,7 @@ class Engine:
         stats = Stats()
         cache_holder = request.prompt_cache or PromptCache(self.view.make_cache())
         reused = reuse_prompt_cache(self.pair, cache_holder, prompt)
+        cache_holder.cache = self._kv(cache_holder.cache, reused)
         stats.prompt_tokens, stats.reused_prompt_tokens = len(prompt) - reused, reused
         request.prompt_cache = cache_holder
         row = Row(uid, list(prompt), request, stats, cache_holder.cache, list(prompt[reused:]), reused)
@@ -183,7 +187,7 @@ class Engine:
             group = self._same_length_group(budget)
             if group:
                 n = len(row.todo)
-                cache = self.view.make_cache(len(group))
+                cache = self._kv(self.view.make_cache(len(group)), 0)
                 reserve(cache, n)
                 hidden = self.view.hidden(mx.array([r.todo for r in group], mx.uint32), cache)[:, -1:]
                 for i, r in enumerate(group):
@@ -192,14 +196,17 @@ class Engine:
                     r.cache = take_rows(cache, mx.array([i]))  # lazy: read only if it never joins
                 budget -= n * len(group)
             else:
-                chunk, row.todo = row.todo[:budget], row.todo[budget:]
+                # one forward takes at most prefill_step tokens: a long prompt's activations stay bounded
+                take = min(budget, self.prefill_step)
+                chunk, row.todo = row.todo[:take], row.todo[take:]
                 budget -= len(chunk)
                 reserve(row.cache, row.offset + len(chunk))
                 hidden = self.view.hidden(mx.array(chunk, mx.uint32)[None], row.cache)[:, -1:]
                 row.offset += len(chunk)
+                row.cache = row.request.prompt_cache.cache = self._kv(row.cache, row.offset)
                 if row.todo:
                     mx.eval([c.state for c in row.cache])
-                    break
+                    continue
                 self.waiting.popleft()
                 group, cache = [row], row.cache
             firsts = []
@@ -300,6 +307,14 @@ class Engine:
                 mx.take(b.hidden, at, axis=0), mx.take(b.seeds, at, axis=0),
             )
 
+    def _kv(self, cache: list, offset: int) -> list:
+        """The cache quantized when the settings ask for it: from the first token with
+        quantized_kv_start 0, else once `offset` (every row's, for a batch) passes it."""
+        q = self.kv_quant
+        if q is None or is_quantized(cache) or (q.start and offset <= q.start):
+            return cache
+        return quantize_cache(cache, q)
+
     # --- rounds -------------------------------------------------------------------------------
 
     def _pipelined(self) -> bool:
@@ -315,6 +330,7 @@ class Engine:
         start = time.perf_counter()
         b = self.batch
         rows = [self.rows[u] for u in b.uids]
+        b.cache = self._kv(b.cache, min(r.offset for r in rows))
         policy = self._policy(len(rows))
         # never draft past every row's max_tokens: a round emits at most k + 1 tokens per row
         room = min(MAX_DRAFT_TOKENS, max(r.request.max_tokens - len(r.emitted) - 1 for r in rows))
@@ -336,8 +352,17 @@ class Engine:
         accepted, tokens, drafts = rnd.accepted.tolist(), rnd.tokens.tolist(), rnd.drafts.tolist()
         logprobs = None if rnd.logprobs is None else [x.tolist() for x in rnd.logprobs]
         now = time.perf_counter()
-        seconds = now - self._last_read if self._last_read is not None else None
+        if self._last_read is not None:
+            # In steady state one round is computed between two reads: on a GPU, the round read
+            # now; on MLX's CPU, whose async_eval returns only when little of a graph of many small
+            # ops is left to run (measured), the round queued just before this read. Each K is
+            # timed by its own rounds, or the adaptive policy would credit a K with another's cost.
+            timed = self.queued[-1] if self.queued and mx.default_device() == mx.cpu else rnd
+            self._round_seconds[timed.number] = now - self._last_read
         self._last_read = now
+        seconds = self._round_seconds.pop(rnd.number, None)
+        for number in [n for n in self._round_seconds if n < rnd.number]:
+            del self._round_seconds[number]
         if self.trace is not None:
             self.trace.append(("read", rnd.number, now))
         live = [i for i, u in enumerate(rnd.uids) if u in self.rows and self.rows[u].finish is None]
@@ -460,8 +485,7 @@ def build_round(pair: Pair, batch: Batch, rows: list, k: int) -> Round:
                 r.request.draft_filter(drafts[i : i + 1], position[i : i + 1]) if r.request.draft_filter
                 else drafts[i : i + 1] for i, r in enumerate(rows)
             ])
-    verified = view.hidden(mx.concatenate([batch.token, drafts], axis=1), batch.cache)
-    logits = view.logits(verified)
+    verified, logits = pair.verify(mx.concatenate([batch.token, drafts], axis=1), batch.cache)
     if any(r.request.sampling.logits_processors for r in rows):
         logits = mx.concatenate([_processed(r, logits[i : i + 1], drafts[i]) for i, r in enumerate(rows)])
     if log_q is None and any(s.samples_drafts for s, _ in groups):

@@ -4,6 +4,7 @@ drafter. Where the folders are and how their files are read is `checkpoint.py`'s
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
@@ -12,6 +13,7 @@ from .config import normalize_draft_config, normalize_target_config, validate_pa
 from .decode import Pair
 from .drafter import load_drafter
 from .errors import MTPError
+from .sharding import attach, launched_group, shard_target
 
 
 def load(path, draft_path: Optional[str] = None, draft: bool = True) -> tuple[Pair, TokenizerWrapper]:
@@ -25,15 +27,20 @@ def load(path, draft_path: Optional[str] = None, draft: bool = True) -> tuple[Pa
         # the pair is checked before any weights are read
         draft_config = normalize_draft_config(read_config(draft_dir, "drafter"))
         validate_pair(target_config, draft_config)
-    model = load_target(target_dir, target_config)
+    group = launched_group()  # None in a process no launcher started
+    model, local_heads = load_target(target_dir, target_config, group)
     tokenizer = load_tokenizer(target_dir, eos_token_ids=_eos_ids(target_dir, target_config))
-    drafter = load_drafter(draft_dir)[0] if draft_dir is not None else None
-    return Pair(model, drafter, target_config=target_config, draft_config=draft_config), tokenizer
+    drafter = load_drafter(draft_dir)[0] if draft_dir is not None else None  # whole on every rank
+    pair = Pair(model, drafter, target_config=target_config, draft_config=draft_config)
+    if group is not None:
+        attach(pair, group, local_heads)
+    return pair, tokenizer
 
 
-def load_target(folder: Path, config: dict):
+def load_target(folder: Path, config: dict, group=None):
     """mlx-lm's model for the folder, with our normalized config (it fixes the fields mlx-lm
-    would otherwise default differently)."""
+    would otherwise default differently). With a group of processes: this rank's slices only
+    (split before the lazily loaded weights are read), and what `sharding.attach` needs."""
     # mlx-lm reads every model*.safetensors with mx.load, whose errors on a truncated or
     # corrupt file are RuntimeErrors: check them all first
     checked = set(weight_files(folder, "target"))
@@ -41,10 +48,14 @@ def load_target(folder: Path, config: dict):
         if f not in checked:
             check_safetensors(f, "target")
     try:
-        model, _ = load_model(folder, model_config=config)
+        model, _ = load_model(folder, lazy=group is not None, model_config=config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise MTPError(f"cannot load target '{folder}': {' '.join(str(e).split())[:300]}") from None
-    return model
+    if group is None:
+        return model, {}
+    local_heads = shard_target(model, group)
+    mx.eval(model.parameters())
+    return model, local_heads
 
 
 def check_pair(target_config: dict, draft_config: dict) -> None:

@@ -105,8 +105,10 @@ class Worker(threading.Thread):
     """The engine thread. `loader()` -> (pair, tokenizer) runs in it, so MLX lives in one thread."""
 
     def __init__(self, loader: Callable, num_draft_tokens="adaptive", max_batch: int = 8, max_queue: int = 64,
-                 prompt_cache_bytes: int = 2 << 30):
+                 prompt_cache_bytes: int = 2 << 30, cache_options: Optional[dict] = None):
         super().__init__(name="gemma-mtp-engine", daemon=True)
+        # kv_bits, kv_group_size, quantized_kv_start, prefill_step_size: the API's, for every request
+        self.cache_options = cache_options or {}
         self.loader, self.setting = loader, num_draft_tokens
         self.max_batch, self.max_queue = max_batch, max_queue
         self.pool = PromptCachePool(prompt_cache_bytes)
@@ -177,9 +179,9 @@ class Worker(threading.Thread):
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
     def _new_engine(self):
-        from .engine import Engine
+        from .api import _engine
 
-        return Engine(self.pair, self.draft_tokens)
+        return _engine(self.pair, self.draft_tokens, **self.cache_options)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -347,8 +349,17 @@ def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def create_app(server: "Server") -> FastAPI:
+# Browser chat UIs served from this machine (any port) may call the API; other origins only when
+# named with --allow-origin (the server has no authentication).
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
+    from fastapi.middleware.cors import CORSMiddleware
+
     app = FastAPI(title="gemma-mtp", description="Gemma 4 with MTP speculative decoding, OpenAI-compatible")
+    app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_origin_regex=LOCAL_ORIGINS,
+                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     worker = server.worker
 
     @app.exception_handler(APIError)
@@ -573,18 +584,20 @@ def create_app(server: "Server") -> FastAPI:
 
 def serve(loader: Callable, model_id: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8,
           num_draft_tokens="adaptive", max_queue: int = 64, prompt_cache_bytes: int = 2 << 30,
-          default_max_tokens: int = 512, log_level: str = "info", on_ready: Optional[Callable] = None) -> None:
-    """Load the pair in the engine thread, then serve until interrupted."""
+          default_max_tokens: int = 512, log_level: str = "info", on_ready: Optional[Callable] = None,
+          cache_options: Optional[dict] = None, allow_origins: tuple = ()) -> None:
+    """Load the pair in the engine thread, then serve until interrupted. `cache_options`:
+    kv_bits, kv_group_size, quantized_kv_start, prefill_step_size (see api.stream_generate)."""
     import uvicorn
 
     from .serve_requests import Server
 
-    worker = Worker(loader, num_draft_tokens, max_batch, max_queue, prompt_cache_bytes)
+    worker = Worker(loader, num_draft_tokens, max_batch, max_queue, prompt_cache_bytes, cache_options)
     worker.start()
     worker.ready.wait()
     if worker.load_error is not None:
         raise worker.load_error
-    app = create_app(Server(worker, model_id, default_max_tokens))
+    app = create_app(Server(worker, model_id, default_max_tokens), allow_origins)
     config = uvicorn.Config(app, host=host, port=port, http="h11", log_level=log_level,
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)

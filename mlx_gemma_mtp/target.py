@@ -6,6 +6,7 @@ so that verification can take logits at every drafted position and prefill only 
 """
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,18 +14,28 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 
 from .cache import make_target_cache
+from .quantized_cache import QuantizedRead, dequantize, is_quantized, make_quantized_cache
 
 
 @dataclass
 class TargetView:
     text: nn.Module  # mlx_lm gemma4_text.Model
     producers: dict  # layer type -> index of the cache holding the K/V the drafter reads
+    # with a quantized cache: the drafter reads dequantized producer K/V (True) or attends to the
+    # triples with quantized attention (False); benchmarks/quantized_kv_speed.py measures both
+    drafter_dequantizes: bool = False
+    # on a rank of a group (sharding.py): the cache list as the sharded layers see it (producer
+    # caches hold every KV head for the drafter; their attention reads this rank's heads)
+    forward_cache: Optional[Callable] = None
 
     @property
     def args(self):
         return self.text.args
 
-    def make_cache(self, batch: int = 1) -> list:
+    def make_cache(self, batch: int = 1, kv_quant=None) -> list:
+        """Float caches, or quantized ones (quantized_cache.KVQuant) from the first token."""
+        if kv_quant is not None:
+            return make_quantized_cache(self.args, kv_quant, batch)
         return make_target_cache(self.args, batch)
 
     def whole_cache(self) -> list:
@@ -34,6 +45,10 @@ class TargetView:
 
     def hidden(self, tokens: mx.array, cache: list) -> mx.array:
         """Final-norm hidden states [B, L, H] for `tokens` [B, L], appending to `cache`."""
+        if is_quantized(cache):  # the KV-shared layers read the producers' triples
+            cache = cache + [QuantizedRead(cache[0].bits, cache[0].group_size)] * self.args.num_kv_shared_layers
+        if self.forward_cache is not None:
+            cache = self.forward_cache(cache)
         return self.text.model(tokens, cache=cache)
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -55,6 +70,8 @@ class TargetView:
         full = cache[self.producers["full_attention"]]
         sliding = cache[self.producers["sliding_attention"]]
         kv = {"full_attention": (full.keys, full.values), "sliding_attention": (sliding.keys, sliding.values)}
+        if self.drafter_dequantizes and is_quantized(cache):
+            kv = {kind: (dequantize(k, full.q), dequantize(v, full.q)) for kind, (k, v) in kv.items()}
         masks = {"full_attention": full.visible(), "sliding_attention": sliding.visible(window)}
         return kv, masks
 

@@ -232,3 +232,23 @@ def test_a_failing_row_ends_alone(loaded):
                 errors.append((event.uid, event.error))
     assert errors == [(bad, "RuntimeError: boom")]
     assert out[good] == plain(pair, prompts[0], 30)
+
+
+def test_compiled_verify_equals_eager_across_shape_changes(loaded, monkeypatch):
+    """The compiled target forward gives the eager forward's tokens while batch sizes, draft
+    lengths and cache capacities change, and keeps at most MAX_TRACES traces (it starts afresh)."""
+    import mlx_gemma_mtp.decode as decode
+
+    monkeypatch.setattr(decode, "MAX_TRACES", 3)
+    loaded_pair, _ = loaded("e2b")
+    prompts = prompts_for(loaded_pair.view.args.sliding_window, 3, seed=5)
+    outputs = {}
+    for compiled in (True, False):
+        pair = Pair(loaded_pair.target, loaded_pair.drafter, compile_verify=compiled)
+        runs = []
+        for k, rows in ((1, 3), (3, 2), ("adaptive", 1)):
+            runs.append(run_rows(pair, prompts[:rows], 240, k)[0])  # the full buffers grow past 256
+        outputs[compiled] = runs
+        if compiled:
+            assert 0 < len(pair._verify_shapes) <= 3
+    assert outputs[True] == outputs[False]

@@ -1,0 +1,283 @@
+"""The server under load: TTFT, inter-chunk latency and aggregate tok/s at several concurrencies,
+MTP against plain decoding, and the server at concurrency 1 against `generate` in this process.
+
+    python benchmarks/serve_bench.py --demo [--settings 0,adaptive] [--concurrency 1,4,8]
+        [--requests 16] [--tokens 96] [--repeats 3] [--out benchmarks/results/serve_demo]
+    python benchmarks/serve_bench.py --shape e2b --layers 6 --inject 0.8,0.7,0.6,0.5 ...
+
+For each draft setting a server (this script in `--child` mode: the real app and engine thread on
+uvicorn, 127.0.0.1, a free port, no prompt cache so every request prefills) is started, warmed
+up, and driven with the official `openai` client: for each repeat, every concurrency runs the same
+greedy streaming requests, and `stream_generate` decodes the concurrency-1 prompts here while the
+server is idle (paired in the same repeat). With --inject, the server's rows and `generate` get
+the same injected acceptance (bench.InjectedAcceptance). Speeds on a Linux CPU are only
+meaningful as ratios (see measuring.md).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def build(opts):
+    """(pair, tokenizer, prompts as token ids, {prompt ids: draft filter factory})."""
+    import mlx.core as mx
+
+    from mlx_gemma_mtp.api import prompt_ids
+    from mlx_gemma_mtp.bench import InjectedAcceptance, parse_profile
+    from mlx_gemma_mtp.engine import generate_tokens
+
+    if opts.demo:
+        from mlx_gemma_mtp import demo
+
+        pair, tokenizer = demo.load_demo()
+        texts = demo.held_out_prompts(opts.requests)
+        prompts = [prompt_ids(pair, tokenizer, t) for t in texts]
+    else:
+        from mlx_gemma_mtp import shapes
+
+        pair = shapes.random_pair(opts.shape, opts.layers, opts.vocab, seed=0)
+        tokenizer = shapes.word_tokenizer(opts.vocab)
+        # mixed lengths: 24..88 tokens
+        prompts = [[2] + [(97 * i + 13 * j) % (opts.vocab - 10) + 10 for j in range(23 + 16 * (i % 5))]
+                   for i in range(opts.requests)]
+    filters = {}
+    if opts.inject:
+        profile, vocab = parse_profile(opts.inject), pair.view.args.vocab_size
+        for i, p in enumerate(prompts):
+            plain = [t for t, _ in generate_tokens(pair, p, opts.tokens + 20, 0)]
+            filters[tuple(p)] = (lambda plain=plain, n=len(p), i=i:
+                                 InjectedAcceptance(plain, n, profile, vocab, seed=i))
+    mx.clear_cache()
+    return pair, tokenizer, prompts, filters
+
+
+# --- the server (child process) ------------------------------------------------------------------
+
+
+def serve_child(opts) -> None:
+    import uvicorn
+
+    from mlx_gemma_mtp import server as srv
+    from mlx_gemma_mtp.serve_requests import Server
+
+    filters = {}
+
+    class BenchWorker(srv.Worker):
+        def _insert(self, job):
+            make = filters.get(tuple(job.ids))
+            if make is not None:
+                job.request.draft_filter = make()
+            super()._insert(job)
+
+    def loader():  # in the engine thread, which owns MLX
+        pair, tokenizer, _, made = build(opts)
+        filters.update(made)
+        return pair, tokenizer
+
+    setting = opts.child_setting if opts.child_setting == "adaptive" else int(opts.child_setting)
+    worker = BenchWorker(loader, setting, max_batch=max(8, opts.max_concurrency), max_queue=256,
+                         prompt_cache_bytes=0)
+    worker.start()
+    worker.ready.wait()
+    if worker.load_error is not None:
+        raise worker.load_error
+    app = srv.create_app(Server(worker, "bench", opts.tokens))
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=opts.port, log_level="warning", http="h11")
+    finally:
+        worker.stop()
+        worker.join(timeout=5)
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(opts, setting: str):
+    port = free_port()
+    args = [sys.executable, __file__, "--child", "--child-setting", setting, "--port", str(port),
+            "--requests", str(opts.requests), "--tokens", str(opts.tokens),
+            "--max-concurrency", str(max(opts.concurrency))]
+    args += ["--demo"] if opts.demo else ["--shape", opts.shape, "--layers", str(opts.layers), "--vocab", str(opts.vocab)]
+    if opts.inject:
+        args += ["--inject", opts.inject]
+    proc = subprocess.Popen(args)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server for setting {setting} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start within 600 s")
+
+
+async def one_request(client, prompt: list, tokens: int) -> dict:
+    sent = time.perf_counter()
+    stamps, usage = [], None
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            usage = chunk.usage
+    n = usage.completion_tokens
+    return {"ttft": stamps[0] - sent, "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": n,
+            "chunks": len(stamps), "rate": (n - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0,
+            "end": stamps[-1]}
+
+
+async def run_pass(port: int, prompts: list, tokens: int, concurrency: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    todo = list(enumerate(prompts))
+    results = [None] * len(prompts)
+
+    async def client_loop():
+        while todo:
+            i, p = todo.pop(0)
+            results[i] = await one_request(client, p, tokens)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    await client.close()
+    gaps = [g for r in results for g in r["gaps"]]
+    total = sum(r["tokens"] for r in results)
+    return {"aggregate_tok_s": total / wall, "ttft": [r["ttft"] for r in results], "gaps": gaps,
+            "tokens_per_chunk": total / sum(r["chunks"] for r in results),
+            "rate": statistics.mean(r["rate"] for r in results)}
+
+
+def generate_rate(pair, tokenizer, prompts, tokens, setting, filters) -> float:
+    """Mean decode rate (first token to last) of stream_generate over the prompts."""
+    from mlx_gemma_mtp.api import stream_generate
+
+    rates = []
+    for p in prompts:
+        make = filters.get(tuple(p))
+        stamps = [time.perf_counter() for _ in stream_generate(
+            pair, tokenizer, p, tokens, setting, draft_filter=make() if make else None)]
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.mean(rates)
+
+
+def pct(values: list, q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--shape", default="e2b")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--inject", help="injected acceptance profile, e.g. 0.8,0.7,0.6,0.5")
+    ap.add_argument("--settings", default="0,adaptive", help="draft settings (0 = plain)")
+    ap.add_argument("--concurrency", default="1,4,8")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, help="write OUT.txt and OUT.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-setting", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--max-concurrency", type=int, default=8, help=argparse.SUPPRESS)
+    opts = ap.parse_args()
+    from mlx_gemma_mtp.blas import preload_openblas
+
+    preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
+    if opts.child:
+        return serve_child(opts)
+    opts.concurrency = [int(c) for c in opts.concurrency.split(",")]
+    settings = opts.settings.split(",")
+    pair, tokenizer, prompts, filters = build(opts)
+    solo = prompts[: max(2, opts.requests // 4)]  # concurrency 1 decodes these (and generate too)
+    report = {"model": "demo pair, held-out prompts" if opts.demo else
+              f"random float32 {opts.shape} shapes, {opts.layers} layers, vocab {opts.vocab}",
+              "injected": opts.inject, "requests": opts.requests, "tokens": opts.tokens,
+              "repeats": opts.repeats, "settings": {}}
+    for setting in settings:
+        proc, port = start_server(opts, setting)
+        try:
+            value = setting if setting == "adaptive" else int(setting)
+            asyncio.run(run_pass(port, prompts[:2], opts.tokens, 2))  # warm-up
+            generate_rate(pair, tokenizer, solo[:1], opts.tokens, value, filters)
+            runs = {c: [] for c in opts.concurrency}
+            gen, ratio = [], []
+            for rep in range(opts.repeats):
+                for c in opts.concurrency:
+                    runs[c].append(asyncio.run(run_pass(port, solo if c == 1 else prompts, opts.tokens, c)))
+                gen.append(generate_rate(pair, tokenizer, solo, opts.tokens, value, filters))
+                ratio.append(runs[1][-1]["rate"] / gen[-1] if 1 in runs else None)
+                print(f"{setting} repeat {rep + 1}: " + ", ".join(
+                    f"c={c} {runs[c][-1]['aggregate_tok_s']:.1f} tok/s" for c in opts.concurrency) +
+                    f"; generate {gen[-1]:.1f} tok/s", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        out = {"generate_tok_s": statistics.median(gen),
+               "server_over_generate_c1": statistics.median(ratio) if 1 in opts.concurrency else None,
+               "concurrency": {}}
+        for c in opts.concurrency:
+            rs = runs[c]
+            ttft = [t for r in rs for t in r["ttft"]]
+            gaps = [g for r in rs for g in r["gaps"]]
+            out["concurrency"][str(c)] = {
+                "aggregate_tok_s": statistics.median(r["aggregate_tok_s"] for r in rs),
+                "aggregate_tok_s_runs": [r["aggregate_tok_s"] for r in rs],
+                "request_decode_tok_s": statistics.median(r["rate"] for r in rs),
+                "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
+                "chunk_gap_p50_s": pct(gaps, 0.5), "chunk_gap_p99_s": pct(gaps, 0.99),
+                "tokens_per_chunk": statistics.mean(r["tokens_per_chunk"] for r in rs),
+            }
+        report["settings"][setting] = out
+    lines = [f"{report['model']}; injected acceptance {opts.inject}; {opts.requests} requests x {opts.tokens} "
+             f"tokens (concurrency 1: {len(solo)}); greedy, streaming, no prompt cache; median of {opts.repeats} "
+             f"repeats",
+             "setting | concurrency | aggregate tok/s | vs plain | TTFT p50/p99 ms | chunk gap p50/p99 ms | "
+             "tokens/chunk | request decode tok/s"]
+    plain = report["settings"].get("0")
+    for setting, out in report["settings"].items():
+        for c, r in out["concurrency"].items():
+            vs = f"{r['aggregate_tok_s'] / plain['concurrency'][c]['aggregate_tok_s']:.3f}" if plain else "-"
+            lines.append(f"{setting} | {c} | {r['aggregate_tok_s']:.1f} | {vs} | {r['ttft_p50_s'] * 1e3:.0f}/"
+                         f"{r['ttft_p99_s'] * 1e3:.0f} | {r['chunk_gap_p50_s'] * 1e3:.1f}/{r['chunk_gap_p99_s'] * 1e3:.1f}"
+                         f" | {r['tokens_per_chunk']:.2f} | {r['request_decode_tok_s']:.1f}")
+    lines.append("server at concurrency 1 over stream_generate (per-request decode rate, paired median): " +
+                 ", ".join(f"{s} {o['server_over_generate_c1']:.3f}" for s, o in report["settings"].items()
+                           if o["server_over_generate_c1"] is not None))
+    text = "\n".join(lines)
+    print(text)
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.with_suffix(".txt").write_text(text + "\n")
+        opts.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
