@@ -60,6 +60,9 @@ def main():
     ap.add_argument("--inject", help="injected acceptance profile, e.g. 0.8,0.7,0.6,0.5")
     ap.add_argument("--json", type=Path)
     opts = ap.parse_args()
+    from mlx_gemma_mtp.blas import preload_openblas
+
+    preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
 
     previous = import_previous(opts.previous.resolve())
     if opts.demo:

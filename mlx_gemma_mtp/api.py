@@ -16,8 +16,8 @@ from .decode import Pair, PromptCache, Stats
 from .engine import PREFILL_STEP, Engine, Request
 from .errors import MTPError
 from .limits import check_draft_tokens, fit_max_tokens
-from .quantized_cache import check_kv_quant
 from .loading import load  # noqa: F401  (the API's `load`)
+from .quantized_cache import check_kv_quant
 from .sampling import Sampling
 
 

@@ -17,6 +17,10 @@ from .target import TargetView, target_view
 # Distinct input shapes (batch size, tokens, full-cache capacity) each compiled step keeps traces
 # for; past this it starts afresh, so a long-lived process holds a bounded number of traces.
 MAX_TRACES = 32
+# A decode forward is compiled for a shape once it has met that shape this many times: a single
+# stream meets one shape round after round, while a server's batch passes through many shapes
+# (rows join and leave, K changes), each of which would cost a trace (tens of ms) to use only once.
+HOT_SHAPE = 4
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Pair:
         self._traced_shapes = set()
         self._compiled_verify = None
         self._verify_shapes = set()
+        self._shape_counts: dict = {}  # decode-forward shape -> forwards run eagerly at it
 
     def draft_step(self):
         """The drafter's step: (token [B, 1], hidden [B, 1, H], K/V, masks, positions [B]) ->
@@ -69,7 +74,9 @@ class Pair:
         layer) is built once per shape instead of every round: the host's share of a round falls,
         and elementwise ops are fused."""
         view = self.view
-        if not self.compile_verify:
+        states = [(c.keys, c.values) for c in cache]
+        shape = (tokens.shape, tuple(a.shape for s in states for a in _leaves(s)))
+        if not self.compile_verify or (shape not in self._verify_shapes and self._meet(shape) < HOT_SHAPE):
             hidden = view.hidden(tokens, cache)
             return hidden, view.logits(hidden)
 
@@ -82,8 +89,6 @@ class Pair:
             hidden = view.hidden(tokens, clones)
             return hidden, view.logits(hidden), [(c.keys, c.values) for c in clones]
 
-        states = [(c.keys, c.values) for c in cache]
-        shape = (tokens.shape, tuple(a.shape for s in states for a in _leaves(s)))
         if self._compiled_verify is None or (shape not in self._verify_shapes and len(self._verify_shapes) >= MAX_TRACES):
             self._compiled_verify = mx.compile(forward, inputs=[view.text.state])
             self._verify_shapes = set()
@@ -95,6 +100,13 @@ class Pair:
         for c, (keys, values) in zip(cache, states):
             c.keys, c.values, c.offset = keys, values, offset + tokens.shape[1]
         return hidden, logits
+
+    def _meet(self, shape) -> int:
+        """How many decode forwards have met `shape`, this one included (a bounded count)."""
+        if len(self._shape_counts) > 64 * MAX_TRACES:
+            self._shape_counts.clear()
+        self._shape_counts[shape] = self._shape_counts.get(shape, 0) + 1
+        return self._shape_counts[shape]
 
 
 def _leaves(x):

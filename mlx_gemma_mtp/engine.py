@@ -25,9 +25,9 @@ import mlx.core as mx
 
 from .adaptive import AdaptiveDraft
 from .cache import concat_rows, reserve, set_offset, take_rows
-from .quantized_cache import is_quantized, quantize_cache
 from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
 from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
+from .quantized_cache import is_quantized, quantize_cache
 from .sampling import Sampling, group_key, process, strategy_of
 
 PREFILL_STEP = 512
@@ -474,7 +474,7 @@ def draft_block(pair: Pair, batch: Batch, groups: list, position: mx.array, k: i
 
 def build_round(pair: Pair, batch: Batch, rows: list, k: int) -> Round:
     """Draft, verify and accept for every row, lazily; moves `batch` to the state after it."""
-    view, B = pair.view, len(rows)
+    B = len(rows)
     position = batch.cache[0].offset  # [B]: the position of each row's last token
     groups = _groups(rows)
     drafts, log_q = mx.zeros((B, 0), mx.int32), None

@@ -5,7 +5,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import reference_models as ref
 from mlx_gemma_mtp import generate
 from mlx_gemma_mtp.bench import InjectedAcceptance
 from mlx_gemma_mtp.cache import FullCache, SlidingCache, cache_bytes, concat_rows, reserve, set_offset, take_rows
