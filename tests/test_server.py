@@ -8,8 +8,6 @@ import concurrent.futures
 import http.client
 import json
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,6 +16,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from mlx_gemma_mtp import generate, stream_generate  # noqa: E402
+from server_process import running_server  # noqa: E402
 from mlx_gemma_mtp.demo import load_demo  # noqa: E402
 from mlx_gemma_mtp.serve_text import TextStream, ToolCallSplitter, held_suffix, split_tool_calls  # noqa: E402
 from mlx_gemma_mtp.server import APIError, Job, Worker  # noqa: E402
@@ -34,45 +33,12 @@ PROMPTS = [
 ]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_gemma_mtp.cli", "serve", "--demo", "--port", str(port),
-             "--num-draft-tokens", str(K), "--max-batch", "4", "--log-level", "warning"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-            try:
-                status, body = request(port, "GET", "/health")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not come up:\n{log.read_text()}")
-            time.sleep(0.3)
+    with running_server(["--demo", "--num-draft-tokens", str(K), "--max-batch", "4", "--log-level", "warning"],
+                        log) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-    assert proc.returncode is not None
 
 
 @pytest.fixture(scope="module")

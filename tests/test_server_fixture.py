@@ -2,64 +2,28 @@
 tokenizer and chat template): greedy output through the official client equals `generate`'s."""
 
 import http.client
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 openai = pytest.importorskip("openai")
 
 from mlx_gemma_mtp import generate  # noqa: E402
+from server_process import running_server  # noqa: E402
 
 VARIANT = "26b"
 K = 3
 TOKENS = 40
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fixture_server(pair_dir, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("fixture-server") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_gemma_mtp.cli", "serve", "--model", str(pair_dir(VARIANT)),
-             "--port", str(port), "--num-draft-tokens", str(K), "--model-id", "fixture", "--log-level", "warning",
-             "--allow-origin", "https://ui.example"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not come up:\n{log.read_text()}")
-            time.sleep(0.3)
+    args = ["--model", str(pair_dir(VARIANT)), "--num-draft-tokens", str(K), "--model-id", "fixture",
+            "--log-level", "warning", "--allow-origin", "https://ui.example"]
+    with running_server(args, log) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60, max_retries=0)
         client.port = port
         yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 def test_completions_equal_generate(fixture_server, loaded):
