@@ -9,7 +9,7 @@ layers' K/V, which every rank holds whole (mlx_gemma_mtp/sharding.py).
 
     python benchmarks/distributed_comm.py [--layers 2] [--reps 20] [--dtype bfloat16]
 
-It starts itself under `mlx.launch --backend ring -n 2` and writes
+It starts its two ranks with the environment `mlx.launch --backend ring -n 2` gives them and writes
 benchmarks/results/distributed_comm_31b_<dtype>.{txt,json}.
 """
 
@@ -36,6 +36,7 @@ def rank_main(args):
     from mlx_gemma_mtp.shapes import SHAPES, target_args
     from mlx_gemma_mtp.target import target_view
 
+    t0 = time.perf_counter()
     group = mx.distributed.init()
     dtype = getattr(mx, args.dtype)
     shape = SHAPES["31b"]
@@ -54,7 +55,11 @@ def rank_main(args):
         return real_all_sum(x, *a, **kw)
 
     rows = []
+    say = (lambda *m: print(f"[{time.perf_counter() - t0:7.1f}s]", *m, file=sys.stderr, flush=True)) \
+        if group.rank() == 0 else (lambda *m: None)
+    say("weights evaluated")
     for k in KS:
+        say(f"K={k}")
         cache = view.make_cache()
         from mlx_gemma_mtp.cache import reserve
         reserve(cache, 64 + k + 1)
@@ -122,6 +127,9 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--out")
     args = p.parse_args()
+    from mlx_gemma_mtp.blas import preload_openblas
+
+    preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
     if "MLX_RANK" in os.environ:
         result = rank_main(args)
         if result is not None:
@@ -129,11 +137,24 @@ def main():
         return
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"distributed_comm_31b_{args.dtype}.json"
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launcher), "--backend", "ring", "-n", "2", "--starting-port", str(free_port()), "--",
-           sys.executable, __file__, "--layers", str(args.layers), "--reps", str(args.reps),
-           "--dtype", args.dtype, "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=1800)
+    # The ranks get what `mlx.launch --backend ring -n 2` gives them (MLX_RANK and a hostfile of
+    # 127.0.0.1 ports), started here: mlx.launch's output loop polls without blocking and keeps
+    # about 70% of a core busy, a third of what this 2-core machine has for the ranks' timing.
+    port = free_port()
+    hostfile = RESULTS / ".distributed_comm_hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    command = [sys.executable, __file__, "--layers", str(args.layers), "--reps", str(args.reps),
+               "--dtype", args.dtype, "--out", str(out)]
+    ranks = [subprocess.Popen(command, env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)})
+             for r in range(2)]
+    try:
+        codes = [r.wait(timeout=1800) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+        hostfile.unlink()
+    if any(codes):
+        sys.exit(f"error: the ranks failed (exit codes {codes})")
     text = report(json.loads(out.read_text()))
     out.with_suffix(".txt").write_text(text)
     print(text, end="")

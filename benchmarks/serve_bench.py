@@ -17,6 +17,7 @@ meaningful as ratios (see measuring.md).
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -257,9 +258,12 @@ def main():
                 "tokens_per_chunk": statistics.mean(r["tokens_per_chunk"] for r in rs),
             }
         report["settings"][setting] = out
+    # OPENBLAS_NUM_THREADS=1 leaves the second core of a 2-core machine to the client and the event
+    # loop, as a Mac's GPU leaves its CPU cores: the server's own overhead, not the CPU it shares
+    report["openblas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "all cores")
     lines = [f"{report['model']}; injected acceptance {opts.inject}; {opts.requests} requests x {opts.tokens} "
              f"tokens (concurrency 1: {len(solo)}); greedy, streaming, no prompt cache; median of {opts.repeats} "
-             f"repeats",
+             f"repeats; OpenBLAS threads: {report['openblas_threads']}",
              "setting | concurrency | aggregate tok/s | vs plain | TTFT p50/p99 ms | chunk gap p50/p99 ms | "
              "tokens/chunk | per-request tok/s"]
     plain = report["settings"].get("0")

@@ -5,7 +5,6 @@ import os
 import click
 
 from mlx_gemma_mtp.cli import main
-from mlx_gemma_mtp.errors import MTPError
 from mlx_gemma_mtp.cli.generate_command import DraftTokens, cache_kwargs, cache_options, load_model
 
 DEMO_MODEL_ID = "gemma-mtp-demo"
@@ -51,10 +50,8 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
           prefill_step_size, log_level):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     from mlx_gemma_mtp.server import serve as run
-    from mlx_gemma_mtp.sharding import launched
+    from mlx_gemma_mtp.sharding import launched, launched_group
 
-    if launched():  # the other ranks would have to follow rank 0's batch round by round: not built yet
-        raise MTPError("serve does not run over several processes (mlx.launch) yet; use generate --prompt")
     if no_draft and draft_model:
         raise click.UsageError("--no-draft and --draft-model contradict each other")
     if demo and (model or draft_model):
@@ -62,15 +59,24 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
     if not demo and not model:
         raise click.UsageError("missing option '--model' (or --demo)")
     name = model_id or model_id_of(model, demo)
+    options = cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
+    group = launched_group() if launched() else None
+    if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 serves, the others follow it
+        from mlx_gemma_mtp.serve_group import follow
+
+        pair, tokenizer = load_model(model, draft_model, no_draft, demo)
+        click.echo(f"rank {group.rank()}: following rank 0's engine", err=True)
+        follow(pair, tokenizer, num_draft_tokens, prompt_cache_bytes, options)
+        return
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding to {host}: the server has no authentication", err=True)
 
     def ready(worker):
         drafter = "no drafter" if worker.pair.drafter is None else f"draft length {worker.draft_tokens}"
-        click.echo(f"serving '{name}' ({drafter}, batch {max_batch}) on http://{host}:{port}/v1", err=True)
+        ranks = f", {group.size()} processes" if group is not None else ""
+        click.echo(f"serving '{name}' ({drafter}, batch {max_batch}{ranks}) on http://{host}:{port}/v1", err=True)
 
     run(lambda: load_model(model, draft_model, no_draft, demo), name, host=host, port=port, max_batch=max_batch,
         num_draft_tokens=num_draft_tokens, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes,
-        default_max_tokens=max_tokens, log_level=log_level, on_ready=ready,
-        cache_options=cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size),
+        default_max_tokens=max_tokens, log_level=log_level, on_ready=ready, cache_options=options,
         allow_origins=allow_origins)

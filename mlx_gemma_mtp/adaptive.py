@@ -9,8 +9,12 @@ after it. The controller keeps
 - per drafting K, the median of its last `cost_window` round times (round costs are not linear in
   K; a K measured only now and then keeps its measurements, and one slow round does not move them);
 - decayed least-squares sums for the round cost of drafting rounds, t(k) = a + b*k (k >= 1),
-  with a weak prior on the slope, for the K measured fewer than three times;
-- a decayed mean of plain rounds (K = 0) for t(0); before any plain round, t(0) is the intercept a.
+  with a weak prior on the slope (the line through the measured t(0), once there is one), for the
+  K measured fewer than three times;
+- a decayed mean of plain rounds (K = 0) for t(0). A new controller measures one plain round right
+  after its first drafting round: how much a drafting round costs is only known against t(0), and
+  where verifying K + 1 tokens costs K + 1 times one (a CPU, a large batch) a slope guessed from
+  drafting rounds alone would keep it drafting at a loss for many rounds.
 
 It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
 E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is learnt about the
@@ -62,6 +66,7 @@ class AdaptiveDraft:
         self._since_explore = 0
         self._explored = 0  # neighbour measurements so far: alternates between the two sides
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
+        self._plain_asked = False  # whether a plain round was chosen to measure t(0)
 
     # --- estimates --------------------------------------------------------------------------
 
@@ -86,9 +91,10 @@ class AdaptiveDraft:
         if self._sw <= 0:
             return None
         mean_k, mean_t = self._sk / self._sw, self._st / self._sw
-        # the slope's prior is relative to the line's own level: t(k) ~ a0 * (1 + c*k)
-        a0 = mean_t / (1 + self.slope_prior * mean_k)
-        b0 = self.slope_prior * a0
+        if self._plain_w > 0:  # the slope's prior: the line through the measured plain rounds
+            b0 = max(mean_t - self._plain_t / self._plain_w, 0.0) / mean_k
+        else:  # ... or relative to the line's own level: t(k) ~ a0 * (1 + c*k)
+            b0 = self.slope_prior * mean_t / (1 + self.slope_prior * mean_k)
         lam = self.slope_prior_weight * self._sw
         var_k = self._skk - self._sk * mean_k
         cov = self._skt - self._sk * mean_t
@@ -117,6 +123,10 @@ class AdaptiveDraft:
         acceptance = self.acceptance()
         return [self.expected_tokens(k, acceptance) / self.cost(k) for k in range(max_k + 1)]
 
+    def learn_acceptance(self, other) -> None:
+        """Start from another controller's acceptance counts (one for another batch size)."""
+        self.reached, self.accepted = list(other.reached), list(other.accepted)
+
     # --- the decode loop's interface --------------------------------------------------------
 
     def choose(self, max_k: int) -> int:
@@ -124,6 +134,9 @@ class AdaptiveDraft:
         max_k = min(max_k, self.max_k)
         if max_k <= 0:
             return 0
+        if self.history and not self._plain_asked:  # the second round is plain: t(0) anchors the costs
+            self._plain_asked = True
+            return self._pick(0)
         if self._sw == 0 and self._plain_w == 0:
             return self._pick(min(self.start_k, max_k))  # nothing measured yet
         rates = self.rates(max_k)

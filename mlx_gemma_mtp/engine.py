@@ -324,7 +324,13 @@ class Engine:
         if self.num_draft_tokens != "adaptive":
             return FixedDraft(self.num_draft_tokens)
         # one controller per pair and batch size: costs differ with B; what it learns carries over
-        return self.pair.adaptive.setdefault(batch_size, AdaptiveDraft(max_k=8))
+        policies = self.pair.adaptive
+        if batch_size not in policies:
+            policy = AdaptiveDraft(max_k=8)
+            if policies:  # acceptance is the drafter's and the text's, not B's: start from the nearest B's
+                policy.learn_acceptance(policies[min(policies, key=lambda b: abs(b - batch_size))])
+            policies.setdefault(batch_size, policy)
+        return policies[batch_size]
 
     def _submit(self) -> None:
         start = time.perf_counter()

@@ -194,4 +194,5 @@ class Server:
         loop = asyncio.get_running_loop()
         processors = {"logit_bias": bias, "presence_penalty": body.presence_penalty,
                       "frequency_penalty": body.frequency_penalty}
-        return Job(ids, request, stops, top_logprobs, processors, loop, asyncio.Queue())
+        return Job(ids, request, stops, top_logprobs, processors, loop, asyncio.Queue(),
+                   settings={"max_tokens": max_tokens, **kwargs})

@@ -17,6 +17,9 @@ Threads:
 
 A client that goes away is removed from the batch before the next round. Requests beyond
 `max_batch` wait in a queue of at most `max_queue`; past that the answer is 429.
+
+Under `mlx.launch` (the target split over processes) this runs on rank 0, and the engine thread's
+operations go to every rank through `serve_group`.
 """
 
 import asyncio
@@ -93,6 +96,7 @@ class Job:
     cancelled: bool = False
     done: bool = False
     checked: float = field(default_factory=time.monotonic)  # when the client was last seen connected
+    settings: dict = field(default_factory=dict)  # make_request's arguments, which other ranks rebuild it from
 
     def send(self, item: tuple) -> None:
         try:
@@ -123,6 +127,8 @@ class Worker(threading.Thread):
         self.waiting: deque = deque()
         self.active: dict = {}  # uid -> Job
         self._token_text: dict = {}
+        self.group = None  # serve_group.Leader when the target is split over mlx.launch's processes
+        self.failed: Optional[str] = None  # why the group stopped (serve_group)
 
     # --- called from other threads ---
 
@@ -163,6 +169,10 @@ class Worker(threading.Thread):
         try:
             self.pair, self.tokenizer = self.loader()
             self.engine = self._new_engine()
+            if self.pair.group is not None:
+                from .serve_group import Leader
+
+                self.group = Leader(self)
         except BaseException as e:  # reported by the main thread
             self.load_error = e
             self.ready.set()
@@ -170,18 +180,36 @@ class Worker(threading.Thread):
         self.ready.set()
         while not self.stopping:
             try:
-                self._drain(block=not self.active and not self.waiting)
+                self._drain(block=not self.active and not self.waiting and not self._pending())
                 self._admit()
-                if self.active:
+                if self.active or self._pending():
                     self._step()
             except Exception as e:  # a bug in the loop itself: fail what runs, start afresh
                 log.exception("engine loop failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+        if self.group is not None:
+            self.group.close()
 
     def _new_engine(self):
         from .api import _engine
 
         return _engine(self.pair, self.draft_tokens, **self.cache_options)
+
+    # Engine operations happen at once in a single process; under a group, `self.group` sends
+    # them to every rank and they are applied there and here at the same step (serve_group).
+
+    def _remove(self, uid: int) -> None:
+        if self.group is None:
+            self.engine.remove(uid)
+        else:
+            self.group.remove(uid)
+
+    def _round(self) -> list:
+        return self.engine.step() if self.group is None else self.group.round()
+
+    def _pending(self) -> bool:
+        """Whether the group has operations on their way (rounds must run to deliver them)."""
+        return self.group is not None and self.group.pending
 
     def _drain(self, block: bool) -> None:
         try:
@@ -193,7 +221,7 @@ class Worker(threading.Thread):
             if kind == "submit":
                 self.waiting.append(job)
             elif kind == "cancel" and job.uid is not None and job.uid in self.active:
-                self.engine.remove(job.uid)
+                self._remove(job.uid)
                 self._retire(job)
                 job.done = True
             elif kind == "stop":
@@ -204,7 +232,8 @@ class Worker(threading.Thread):
                 return
 
     def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
+        starting = len(self.group.starting) if self.group is not None else 0
+        while self.waiting and len(self.active) + starting < self.max_batch:
             job = self.waiting.popleft()
             with self.lock:
                 self.queued -= 1
@@ -212,25 +241,31 @@ class Worker(threading.Thread):
                 continue
             try:
                 self._insert(job)
-            except MTPError as e:
-                self._end(job, ("error", bad(str(e))))
+                starting += self.group is not None
             except Exception as e:
-                log.exception("a request failed to start")
-                self._end(job, ("error", APIError(500, f"the request failed: {type(e).__name__}: {e}")))
+                self._refuse(job, e)
+
+    def _refuse(self, job: Job, e: Exception) -> None:
+        """A request that could not start: bad settings (400) or a failure (500)."""
+        if isinstance(e, MTPError):
+            self._end(job, ("error", bad(str(e))))
+        else:
+            log.error("a request failed to start", exc_info=e)
+            self._end(job, ("error", APIError(500, f"the request failed: {type(e).__name__}: {e}")))
 
     def _insert(self, job: Job) -> None:
-        from mlx_lm.sample_utils import make_logits_processors
-
-        p = job.processors
-        extra = make_logits_processors(p.get("logit_bias"), presence_penalty=p.get("presence_penalty"),
-                                       presence_context_size=PENALTY_CONTEXT,
-                                       frequency_penalty=p.get("frequency_penalty"),
-                                       frequency_context_size=PENALTY_CONTEXT)
+        if self.group is not None:
+            self.group.insert(job)  # started on every rank at the next step
+            return
         request = job.request
-        request.sampling.logits_processors = list(request.sampling.logits_processors) + extra
+        request.sampling.logits_processors = list(request.sampling.logits_processors) + processors(job.processors)
         request.logprobs = job.top_logprobs
         request.prompt_cache = self.pool.take(job.ids)
-        uid = self.engine.insert(job.ids, request)
+        self._bind(job, self.engine.insert(job.ids, request))
+
+    def _bind(self, job: Job, uid: int) -> None:
+        """The job's row is in the engine as `uid`."""
+        request = job.request = self.engine.rows[uid].request
         job.uid, job.stats = uid, self.engine.rows[uid].stats
         job.text = TextStream(self.tokenizer.detokenizer, job.stops, request.eos_ids,
                               self._text_of if job.top_logprobs is not None else None)
@@ -239,7 +274,7 @@ class Worker(threading.Thread):
 
     def _step(self) -> None:
         try:
-            events = self.engine.step()
+            events = self._round()
         except Exception as e:
             log.exception("a round failed")
             self._fail_all(f"generation failed: {type(e).__name__}: {e}")
@@ -261,13 +296,13 @@ class Worker(threading.Thread):
                 if text or entries:
                     job.send(("delta", text, entries))
                 if stopped:
-                    self.engine.remove(event.uid)  # a no-op if the engine finished it too
+                    self._remove(event.uid)  # a no-op if the engine finished it too
                     self._finish(job, "stop")
                 elif event.finish_reason:
                     self._finish(job, event.finish_reason)
             except Exception as e:
                 log.exception("a request failed")
-                self.engine.remove(event.uid)
+                self._remove(event.uid)
                 self._retire(job)
                 self._end(job, ("error", APIError(500, f"the request failed: {type(e).__name__}: {e}")))
         if self.active and not self.engine.busy:  # never expected: rows the engine no longer has
@@ -299,8 +334,9 @@ class Worker(threading.Thread):
         self._end(job, ("end", reason, usage))
 
     def _retire(self, job: Job) -> None:
-        """The row has left the engine: its prompt cache goes back to the pool."""
-        if self.active.pop(job.uid, None) is not None:
+        """The row has left the engine: its prompt cache goes back to the pool (under a group,
+        the ranks' pools take it back when the row leaves their engines: serve_group)."""
+        if self.active.pop(job.uid, None) is not None and self.group is None:
             try:
                 self.pool.put(job.request.prompt_cache)
             except Exception:
@@ -314,8 +350,21 @@ class Worker(threading.Thread):
         for job in list(self.active.values()):
             self._end(job, ("error", APIError(500, message)))
         self.active.clear()
+        if self.group is not None:  # the ranks may no longer be in step: the group stops
+            self.group.fail(message)
+            return
         self.pool.clear()  # caches may be in any state
         self.engine = self._new_engine()
+
+
+def processors(settings: dict) -> list:
+    """A request's logit_bias / presence / frequency penalty settings as mlx-lm logits processors."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(settings.get("logit_bias"), presence_penalty=settings.get("presence_penalty"),
+                                  presence_context_size=PENALTY_CONTEXT,
+                                  frequency_penalty=settings.get("frequency_penalty"),
+                                  frequency_context_size=PENALTY_CONTEXT)
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -603,8 +652,14 @@ def serve(loader: Callable, model_id: str, host: str = "127.0.0.1", port: int = 
     server = uvicorn.Server(config)
     if on_ready is not None:
         on_ready(worker)
+    if worker.group is not None:
+        from .serve_group import exit_on_sigterm
+
+        exit_on_sigterm()
     try:
         server.run()
     finally:
         worker.stop()
         worker.join(timeout=5)
+        if worker.failed:
+            raise MTPError(f"the processes stopped: {worker.failed}")

@@ -139,3 +139,26 @@ def test_measures_the_neighbour_below_the_largest_k():
     chosen = simulate(c, lambda r: 1.0, 80, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
     late = chosen[20:]
     assert late.count(8) >= 50 and late.count(7) >= 3, late  # K = 9 does not exist: 7 is measured instead
+
+
+def test_a_new_controller_measures_plain_second_and_stops_drafting_when_tokens_cost_linearly():
+    """On a CPU or with a large batch, verifying K + 1 tokens costs K + 1 plain rounds: drafting at
+    0.6 acceptance loses. A new controller drafts once, measures a plain round, and is off from
+    then on but for its probes: a few rounds, not the dozens a guessed slope needs."""
+
+    def linear(k):
+        return 1.0 * (k + 1) + 0.05 * k
+
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 0.6, 40, cost=linear)
+    assert chosen[:2] == [3, 0], chosen
+    assert chosen[2:].count(0) >= 34, chosen
+
+
+def test_a_controller_for_another_batch_size_starts_from_its_acceptance():
+    learnt = AdaptiveDraft(max_k=8)
+    simulate(learnt, lambda r: 0.9, 60)
+    fresh = AdaptiveDraft(max_k=8)
+    fresh.learn_acceptance(learnt)
+    assert fresh.acceptance() == learnt.acceptance() and fresh.acceptance()[0] > 0.8
+    assert fresh.history == [] and fresh.cost_line() is None  # costs are the batch size's own

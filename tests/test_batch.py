@@ -252,3 +252,20 @@ def test_compiled_verify_equals_eager_across_shape_changes(loaded, monkeypatch):
         if compiled:
             assert 0 < len(pair._verify_shapes) <= 3
     assert outputs[True] == outputs[False]
+
+
+def test_adaptive_policy_of_a_new_batch_size_starts_from_the_nearest(loaded):
+    """Acceptance does not depend on B: a batch size met for the first time starts from the
+    acceptance counts of the nearest one that has run (its costs it measures itself)."""
+    pair, _ = loaded("e2b")
+    pair.adaptive.clear()
+    prompts = prompts_for(pair.view.args.sliding_window, 3, seed=11)
+    eng = Engine(pair, "adaptive")
+    eng.insert(prompts[0], Request(24))
+    while eng.busy:
+        eng.step()
+    one = pair.adaptive[1]
+    assert sum(one.reached) > 0
+    two = eng._policy(2)
+    assert two.acceptance() == one.acceptance() and two.history == []
+    pair.adaptive.clear()
