@@ -10,8 +10,10 @@ uvicorn, 127.0.0.1, a free port, no prompt cache so every request prefills) is s
 up, and driven with the official `openai` client: for each repeat, every concurrency runs the same
 greedy streaming requests, and `stream_generate` decodes the concurrency-1 prompts here while the
 server is idle (paired in the same repeat). With --inject, the server's rows and `generate` get
-the same injected acceptance (bench.InjectedAcceptance). Speeds on a Linux CPU are only
-meaningful as ratios (see measuring.md).
+the same injected acceptance (bench.InjectedAcceptance). At concurrency 1 the same prompts are also
+sent unstreamed, and the CPU time the server process, this client and `stream_generate` spend per
+token is recorded: on a 2-core machine that CPU is what the server loses against an in-process loop.
+Speeds on a Linux CPU are only meaningful as ratios (see measuring.md).
 """
 
 import argparse
@@ -130,8 +132,12 @@ def start_server(opts, setting: str):
     raise SystemExit("the server did not start within 600 s")
 
 
-async def one_request(client, prompt: list, tokens: int) -> dict:
+async def one_request(client, prompt: list, tokens: int, stream: bool = True) -> dict:
     sent = time.perf_counter()
+    if not stream:  # one response: no per-chunk work on either side
+        done = await client.completions.create(model="bench", prompt=prompt, max_tokens=tokens, temperature=0)
+        n = done.usage.completion_tokens
+        return {"ttft": None, "gaps": [], "tokens": n, "chunks": 1, "rate": n / (time.perf_counter() - sent)}
     stamps, usage = [], None
     stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=tokens, temperature=0,
                                              stream=True, stream_options={"include_usage": True})
@@ -147,7 +153,7 @@ async def one_request(client, prompt: list, tokens: int) -> dict:
             "chunks": len(stamps), "rate": n / (stamps[-1] - sent)}
 
 
-async def run_pass(port: int, prompts: list, tokens: int, concurrency: int) -> dict:
+async def run_pass(port: int, prompts: list, tokens: int, concurrency: int, stream: bool = True) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
@@ -157,7 +163,7 @@ async def run_pass(port: int, prompts: list, tokens: int, concurrency: int) -> d
     async def client_loop():
         while todo:
             i, p = todo.pop(0)
-            results[i] = await one_request(client, p, tokens)
+            results[i] = await one_request(client, p, tokens, stream)
 
     start = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -165,23 +171,31 @@ async def run_pass(port: int, prompts: list, tokens: int, concurrency: int) -> d
     await client.close()
     gaps = [g for r in results for g in r["gaps"]]
     total = sum(r["tokens"] for r in results)
-    return {"aggregate_tok_s": total / wall, "ttft": [r["ttft"] for r in results], "gaps": gaps,
+    return {"aggregate_tok_s": total / wall, "tokens": total, "ttft": [r["ttft"] for r in results if r["ttft"] is not None], "gaps": gaps,
             "tokens_per_chunk": total / sum(r["chunks"] for r in results),
             "rate": statistics.mean(r["rate"] for r in results)}
 
 
-def generate_rate(pair, tokenizer, prompts, tokens, setting, filters) -> float:
-    """Mean rate of stream_generate over the prompts: tokens over the whole call, as a request's."""
+def generate_rate(pair, tokenizer, prompts, tokens, setting, filters) -> tuple:
+    """(mean rate of stream_generate over the prompts: tokens over the whole call, as a request's;
+    tokens in all)."""
     from mlx_gemma_mtp.api import stream_generate
 
-    rates = []
+    rates, count = [], 0
     for p in prompts:
         make = filters.get(tuple(p))
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in stream_generate(
             pair, tokenizer, p, tokens, setting, draft_filter=make() if make else None)]
         rates.append(len(stamps) / (stamps[-1] - start))
-    return statistics.mean(rates)
+        count += len(stamps)
+    return statistics.mean(rates), count
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process PID so far (all its threads)."""
+    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list, q: float) -> float:
@@ -225,17 +239,29 @@ def main():
         try:
             value = setting if setting == "adaptive" else int(setting)
             asyncio.run(run_pass(port, prompts[:2], opts.tokens, 2))  # warm-up
-            generate_rate(pair, tokenizer, solo[:1], opts.tokens, value, filters)
+            generate_rate(pair, tokenizer, solo[:1], opts.tokens, value, filters)  # warm-up
             runs = {c: [] for c in opts.concurrency}
-            gen, ratio = [], []
+            gen, ratio, whole, cpu = [], [], [], []
             for rep in range(opts.repeats):
                 for c in opts.concurrency:
+                    server_cpu, client_cpu = cpu_seconds(proc.pid), time.process_time()
                     runs[c].append(asyncio.run(run_pass(port, solo if c == 1 else prompts, opts.tokens, c)))
-                gen.append(generate_rate(pair, tokenizer, solo, opts.tokens, value, filters))
-                ratio.append(runs[1][-1]["rate"] / gen[-1] if 1 in runs else None)
+                    if c == 1:  # CPU spent per streamed token by the server process and by this client
+                        n = runs[c][-1]["tokens"]
+                        cpu.append({"server_ms": (cpu_seconds(proc.pid) - server_cpu) / n * 1e3,
+                                    "client_ms": (time.process_time() - client_cpu) / n * 1e3})
+                gen_cpu = time.process_time()
+                rate, n = generate_rate(pair, tokenizer, solo, opts.tokens, value, filters)
+                gen.append(rate)
+                if cpu:
+                    cpu[-1]["generate_ms"] = (time.process_time() - gen_cpu) / n * 1e3
+                if 1 in runs:
+                    ratio.append(runs[1][-1]["rate"] / gen[-1])
+                    whole.append(asyncio.run(run_pass(port, solo, opts.tokens, 1, stream=False))["rate"] / gen[-1])
                 print(f"{setting} repeat {rep + 1}: " + ", ".join(
                     f"c={c} {runs[c][-1]['aggregate_tok_s']:.1f} tok/s" for c in opts.concurrency) +
-                    f"; generate {gen[-1]:.1f} tok/s", flush=True)
+                    f"; generate {gen[-1]:.1f} tok/s" + (f"; c=1 not streamed / generate {whole[-1]:.3f}"
+                                                         if whole else ""), flush=True)
         finally:
             proc.terminate()
             try:
@@ -243,7 +269,9 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
         out = {"generate_tok_s": statistics.median(gen),
-               "server_over_generate_c1": statistics.median(ratio) if 1 in opts.concurrency else None,
+               "server_over_generate_c1": statistics.median(ratio) if ratio else None,
+               "server_not_streamed_over_generate_c1": statistics.median(whole) if whole else None,
+               "cpu_ms_per_token_c1": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} if cpu else None,
                "concurrency": {}}
         for c in opts.concurrency:
             rs = runs[c]
@@ -273,9 +301,13 @@ def main():
             lines.append(f"{setting} | {c} | {r['aggregate_tok_s']:.1f} | {vs} | {r['ttft_p50_s'] * 1e3:.0f}/"
                          f"{r['ttft_p99_s'] * 1e3:.0f} | {r['chunk_gap_p50_s'] * 1e3:.1f}/{r['chunk_gap_p99_s'] * 1e3:.1f}"
                          f" | {r['tokens_per_chunk']:.2f} | {r['request_tok_s']:.1f}")
-    lines.append("server at concurrency 1 over stream_generate (tokens over the whole request, paired median): " +
-                 ", ".join(f"{s} {o['server_over_generate_c1']:.3f}" for s, o in report["settings"].items()
-                           if o["server_over_generate_c1"] is not None))
+    for s, o in report["settings"].items():
+        if o["server_over_generate_c1"] is not None:
+            c = o["cpu_ms_per_token_c1"]
+            lines.append(f"{s}, concurrency 1, over stream_generate (tokens over the whole request, paired median): "
+                         f"streamed {o['server_over_generate_c1']:.3f}, not streamed "
+                         f"{o['server_not_streamed_over_generate_c1']:.3f}; CPU ms per streamed token: server "
+                         f"{c['server_ms']:.2f}, client {c['client_ms']:.2f}, stream_generate {c['generate_ms']:.2f}")
     text = "\n".join(lines)
     print(text)
     if opts.out:

@@ -11,8 +11,8 @@ after it. The controller keeps
 - decayed least-squares sums for the round cost of drafting rounds, t(k) = a + b*k (k >= 1),
   with a weak prior on the slope (the line through the measured t(0), once there is one), for the
   K measured fewer than three times;
-- a decayed mean of plain rounds (K = 0) for t(0). A new controller measures one plain round right
-  after its first drafting round: how much a drafting round costs is only known against t(0), and
+- a decayed mean of plain rounds (K = 0) for t(0). A new controller runs plain rounds right after
+  its first drafting round until one is timed (at most three): how much a drafting round costs is only known against t(0), and
   where verifying K + 1 tokens costs K + 1 times one (a CPU, a large batch) a slope guessed from
   drafting rounds alone would keep it drafting at a loss for many rounds.
 
@@ -66,7 +66,7 @@ class AdaptiveDraft:
         self._since_explore = 0
         self._explored = 0  # neighbour measurements so far: alternates between the two sides
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
-        self._plain_asked = False  # whether a plain round was chosen to measure t(0)
+        self._plain_tries = 0  # plain rounds chosen to measure t(0) before any was timed
 
     # --- estimates --------------------------------------------------------------------------
 
@@ -134,8 +134,11 @@ class AdaptiveDraft:
         max_k = min(max_k, self.max_k)
         if max_k <= 0:
             return 0
-        if self.history and not self._plain_asked:  # the second round is plain: t(0) anchors the costs
-            self._plain_asked = True
+        if self.history and self._plain_w == 0 and self._plain_tries < 3:
+            # from the second round, plain rounds until one is timed: t(0) anchors the costs. More
+            # than one: the first rounds of a pipeline are not timed, and on a CPU, where queued
+            # rounds overlap, a lone plain round between drafting ones is timed with some of their cost
+            self._plain_tries += 1
             return self._pick(0)
         if self._sw == 0 and self._plain_w == 0:
             return self._pick(min(self.start_k, max_k))  # nothing measured yet

@@ -162,3 +162,22 @@ def test_a_controller_for_another_batch_size_starts_from_its_acceptance():
     fresh.learn_acceptance(learnt)
     assert fresh.acceptance() == learnt.acceptance() and fresh.acceptance()[0] > 0.8
     assert fresh.history == [] and fresh.cost_line() is None  # costs are the batch size's own
+
+
+def test_plain_rounds_follow_until_one_is_timed_at_most_three():
+    """The first rounds of a pipeline are not timed: the plain anchor is asked again until one
+    is, and never more than three times (an engine that times nothing still drafts)."""
+    c = AdaptiveDraft(max_k=8)
+    chosen = []
+    for seconds in [None, None, 0.5]:
+        chosen.append(c.choose(8))
+        c.observe(chosen[-1], 2 if chosen[-1] else 0, seconds)
+    assert chosen == [3, 0, 0] and c.cost(0) == 0.5
+    assert c.choose(8) > 0  # t(0) is known: no further plain round is forced
+
+    untimed = AdaptiveDraft(max_k=8)
+    chosen = []
+    for _ in range(6):
+        chosen.append(untimed.choose(8))
+        untimed.observe(chosen[-1], 2 if chosen[-1] else 0, None)
+    assert chosen == [3, 0, 0, 0, 3, 3], chosen

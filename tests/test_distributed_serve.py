@@ -7,13 +7,11 @@ leaves no rank behind."""
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ openai = pytest.importorskip("openai")
 from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
 
 from mlx_gemma_mtp import generate  # noqa: E402
-from server_process import free_port  # noqa: E402
+from server_process import free_port, health, wait_healthy  # noqa: E402
 from test_distributed import free_ports  # noqa: E402
 
 VARIANT = "26b"
@@ -32,11 +30,6 @@ MODEL = "fixture"
 START_TIMEOUT = 240  # two ranks loading on a small shared machine
 PROMPTS = ["The quick brown fox jumps over", "Once upon a time there was", "def main(argv):",
            "Roses are red, violets are"]
-
-
-def health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def rank_pids(launcher: int) -> dict:
@@ -78,18 +71,7 @@ def launched_server(pair: Path, args: list, log: Path):
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the launcher exited ({proc.returncode}):\n{log.read_text()}")
-            try:
-                if health(port)["status"] == "ok":
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not come up:\n{log.read_text()}")
-            time.sleep(0.5)
+        wait_healthy(proc, port, log, START_TIMEOUT)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
         client.port, client.log = port, log
         yield proc, client
