@@ -12,8 +12,8 @@ after it. The controller keeps
   with a weak prior on the slope (the line through the measured t(0), once there is one), for the
   K measured fewer than three times;
 - a decayed mean of plain rounds (K = 0) for t(0). A new controller runs plain rounds right after
-  its first drafting round until one is timed (at most three): how much a drafting round costs is only known against t(0), and
-  where verifying K + 1 tokens costs K + 1 times one (a CPU, a large batch) a slope guessed from
+  its first drafting round until one is timed (at most three): how much a drafting round costs is
+  only known against t(0), and where verifying K + 1 tokens costs K + 1 times one (a CPU, a large batch) a slope guessed from
   drafting rounds alone would keep it drafting at a loss for many rounds.
 
 It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
