@@ -210,7 +210,7 @@ class Leader:
                     self.round()
             except Exception as e:  # another rank is already gone
                 log.warning("could not stop the other processes: %s", e)
-        release_compiled(self.worker.pair)
+        self.worker.pair.release_compiled()  # in the engine thread, before it ends
 
     def fail(self, message: str) -> None:
         """A round failed: the ranks may no longer be in step, so the whole group stops (rank 0
@@ -224,14 +224,6 @@ class Leader:
         self.broken = True
         w.failed, w.stopping = message, True
         os.kill(os.getpid(), signal.SIGTERM)  # the main thread stops serving (exit_on_sigterm)
-
-
-def release_compiled(pair) -> None:
-    """Free the pair's compiled functions in this thread. MLX keeps each thread's compiled graphs
-    until the thread's end, and the sharded target's graphs hold mlx.nn's custom functions (Python
-    callbacks): freed after the thread ended, while the interpreter is already exiting, they abort
-    the process ("terminate called without an active exception")."""
-    pair._compiled_verify = pair._compiled_step = None
 
 
 def exit_on_sigterm() -> None:
