@@ -21,9 +21,11 @@ E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is 
 drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: position 1 gates every
 other); the back-off doubles after each probe that does not switch drafting back on, and resets
 when one does. While drafting, every `explore_every` rounds it measures a neighbour of the chosen
-K instead (sooner while a neighbour has fewer than three measurements), so a better K next to the
-current one is found from its own rounds rather than from the line. Pure Python and O(max_k^2)
-per round: no MLX calls, nothing to synchronize.
+K instead, for `explore_rounds` rounds in a row (sooner while a neighbour has fewer than three
+measurements), so a better K next to the current one is found from its own rounds rather than from
+the line: in a row, because on a CPU the engine times a K only from two consecutive rounds of it
+(engine.py: there, the interval between two reads holds parts of two rounds). Pure Python and
+O(max_k^2) per round: no MLX calls, nothing to synchronize.
 """
 
 import statistics
@@ -41,6 +43,7 @@ class AdaptiveDraft:
     start_k: int = 3
     explore_every: int = 16  # drafting rounds between measurements of a neighbouring K
     first_explore_every: int = 4  # ... while a neighbour has fewer than three measurements
+    explore_rounds: int = 2  # ... for this many rounds in a row (a CPU's rounds are timed in pairs)
     cost_window: int = 5  # a drafting K's own last rounds that make its cost
     switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
     first_backoff: int = 8
@@ -65,6 +68,7 @@ class AdaptiveDraft:
         self._k_times = {}  # per drafting K: its last `cost_window` round times
         self._since_explore = 0
         self._explored = 0  # neighbour measurements so far: alternates between the two sides
+        self._exploring = (0, 0)  # (the neighbour being measured, rounds of it still to run)
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
         self._plain_tries = 0  # plain rounds chosen to measure t(0) before any was timed
 
@@ -142,6 +146,10 @@ class AdaptiveDraft:
             return self._pick(0)
         if self._sw == 0 and self._plain_w == 0:
             return self._pick(min(self.start_k, max_k))  # nothing measured yet
+        k, left = self._exploring
+        if left and k <= max_k:
+            self._exploring = (k, left - 1)
+            return self._pick(k)
         rates = self.rates(max_k)
         best = max(range(max_k + 1), key=lambda k: rates[k])
         # Round times are noisy: keep the current K unless another is clearly better, so the
@@ -159,7 +167,9 @@ class AdaptiveDraft:
                 # now and then measure a neighbour, so the per-K costs stay current
                 self._since_explore, self._explored = 0, self._explored + 1
                 candidates = unmeasured or neighbours
-                return self._pick(candidates[self._explored % len(candidates)])
+                k = candidates[self._explored % len(candidates)]
+                self._exploring = (k, self.explore_rounds - 1)
+                return self._pick(k)
             return self._pick(best)
         if self._probing:  # the last probe did not switch drafting back on: wait longer
             self._probing = False

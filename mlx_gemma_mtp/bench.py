@@ -24,6 +24,7 @@ from . import Pair, Stats
 from .adaptive import AdaptiveDraft
 from .blas import openblas_loaded
 from .cache import concat_rows, reserve, set_offset
+from .decode import HOT_SHAPE
 from .engine import Batch, draft_block, generate_tokens  # the loop's internals, here only
 from .sampling import Greedy, Sampling
 
@@ -177,10 +178,14 @@ def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3, batch: 
     state = Batch(list(range(batch)), cache, token, hidden, mx.zeros((batch,), mx.uint32))
     groups = [(Greedy(Sampling()), list(range(batch)))]
 
-    def verify(n):
-        tokens = mx.concatenate([token] * n, axis=1)
-        mx.eval(mx.argmax(view.logits(view.hidden(tokens, cache)), axis=-1))
+    def verify(n):  # as the loop runs it: through Pair.verify, compiled once the shape is hot
+        _, logits = pair.verify(mx.concatenate([token] * n, axis=1), cache)
+        mx.eval(mx.argmax(logits, axis=-1))
         set_offset(cache, offset)
+
+    for n in [1] + [k + 1 for k in ks]:
+        for _ in range(HOT_SHAPE):
+            verify(n)
 
     def draft(k):
         drafts, _ = draft_block(pair, state, groups, offset, k)

@@ -143,7 +143,7 @@ class Stats:
     drafted_per_position: list = field(default_factory=list)
     accepted_per_position: list = field(default_factory=list)
     round_log: list = field(default_factory=list)  # (drafted token ids, accepted count) per round
-    round_seconds: list = field(default_factory=list)  # wall time of each round, host work included
+    round_seconds: list = field(default_factory=list)  # wall time of each timed round, host work included
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -166,7 +166,8 @@ class Stats:
 
     def record(self, drafts: list, accepted: int, seconds: float) -> None:
         self.rounds += 1
-        self.round_seconds.append(seconds)
+        if seconds is not None:  # rounds whose time the pipeline could not tell apart are untimed
+            self.round_seconds.append(seconds)
         if drafts:
             self.round_log.append((drafts, accepted))
         grow = len(drafts) - len(self.drafted_per_position)

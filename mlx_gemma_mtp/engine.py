@@ -99,6 +99,7 @@ class Round:
     accepted: mx.array  # [B]
     number: int = 0
     logprobs: Optional[tuple] = None  # (chosen [B, k+1], top ids [B, k+1, n], top values), if asked
+    queue_seconds: float = 0.0  # how long async_eval took to queue it
 
 
 class FixedDraft:
@@ -131,7 +132,6 @@ class Engine:
         self.trace: Optional[list] = None
         self._uid = self._rounds = 0
         self._last_read = None
-        self._round_seconds: dict = {}  # round number -> the read interval its computation filled
 
     # --- rows join and leave ------------------------------------------------------------------
 
@@ -162,6 +162,8 @@ class Engine:
 
     def step(self) -> list:
         """Prefill one chunk of a waiting row, queue a round, read the one before it."""
+        if self.waiting:
+            self._last_read = None  # the next read interval holds a prefill: it times no round
         events = self._prefill_chunk()
         if self.batch is not None and self._pipelined():
             self._submit()
@@ -347,6 +349,7 @@ class Engine:
         rnd.policy, rnd.number = policy, self._rounds + 1
         built = time.perf_counter()
         mx.async_eval(rnd.tokens, rnd.accepted, rnd.drafts, rnd.logprobs, b.token, b.hidden, [c.state for c in b.cache])
+        rnd.queue_seconds = time.perf_counter() - built
         self.queued.append(rnd)
         self._rounds += 1
         if self.trace is not None:
@@ -358,17 +361,16 @@ class Engine:
         accepted, tokens, drafts = rnd.accepted.tolist(), rnd.tokens.tolist(), rnd.drafts.tolist()
         logprobs = None if rnd.logprobs is None else [x.tolist() for x in rnd.logprobs]
         now = time.perf_counter()
-        if self._last_read is not None:
-            # In steady state one round is computed between two reads: on a GPU, the round read
-            # now; on MLX's CPU, whose async_eval returns only when little of a graph of many small
-            # ops is left to run (measured), the round queued just before this read. Each K is
-            # timed by its own rounds, or the adaptive policy would credit a K with another's cost.
-            timed = self.queued[-1] if self.queued and mx.default_device() == mx.cpu else rnd
-            self._round_seconds[timed.number] = now - self._last_read
+        seconds = None if self._last_read is None else now - self._last_read
         self._last_read = now
-        seconds = self._round_seconds.pop(rnd.number, None)
-        for number in [n for n in self._round_seconds if n < rnd.number]:
-            del self._round_seconds[number]
+        newer = self.queued[-1] if self.queued else None
+        if seconds is not None and newer is not None and newer.queue_seconds > seconds / 4:
+            # Queuing the next round waited for much of the interval (MLX's CPU: async_eval returns
+            # only when little of a graph is left to run, measured), so the interval holds part of
+            # this round and part of that one: it times a K only when both rounds drafted that K
+            # for the same rows. Otherwise (a GPU) it is this round's own.
+            if newer.k != rnd.k or len(newer.uids) != len(rnd.uids):
+                seconds = None
         if self.trace is not None:
             self.trace.append(("read", rnd.number, now))
         live = [i for i, u in enumerate(rnd.uids) if u in self.rows and self.rows[u].finish is None]
@@ -381,7 +383,7 @@ class Engine:
                 stopped.append(row)
                 continue
             row.offset += a + 1
-            row.stats.record(drafts[i], a, seconds or 0.0)
+            row.stats.record(drafts[i], a, seconds)
             lp = None
             if logprobs is not None and row.request.logprobs is not None:
                 chosen, ids, values = (x[i] for x in logprobs)

@@ -34,7 +34,7 @@ def test_switches_off_when_nothing_is_accepted():
 def test_drafts_long_when_everything_is_accepted_and_drafts_are_cheap():
     c = AdaptiveDraft(max_k=8)
     chosen = simulate(c, lambda r: 1.0, 30, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
-    assert chosen[-10:].count(8) >= 9 and min(chosen[-10:]) >= 7, chosen  # 7: measuring a neighbour
+    assert chosen[-10:].count(8) >= 8 and min(chosen[-10:]) >= 7, chosen  # 7: measuring a neighbour (two rounds)
 
 
 def test_picks_a_middle_k_when_drafts_are_expensive():
@@ -139,6 +139,9 @@ def test_measures_the_neighbour_below_the_largest_k():
     chosen = simulate(c, lambda r: 1.0, 80, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
     late = chosen[20:]
     assert late.count(8) >= 50 and late.count(7) >= 3, late  # K = 9 does not exist: 7 is measured instead
+    # measured two rounds in a row: on a CPU the engine times a K only from consecutive rounds of it
+    runs = "".join("7" if k == 7 else "." for k in late).split(".")
+    assert all(len(r) == c.explore_rounds for r in runs if r), late
 
 
 def test_a_new_controller_measures_plain_second_and_stops_drafting_when_tokens_cost_linearly():

@@ -1,6 +1,8 @@
 """The batched engine against the single-stream path: rows of one batch decode exactly what each
 prompt decodes alone, whatever the other rows do, with rounds pipelined."""
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -150,6 +152,46 @@ def test_rounds_are_pipelined_with_one_sync_each(k, loaded, monkeypatch):
         assert ("submit", n + 1) in trace[: trace.index(("read", n))], (n, trace)
     assert len(evals) == len(reads)  # one host synchronization per round read
 
+
+
+class Alternating:
+    """A draft-length policy cycling through `ks`; records what each round is timed at."""
+
+    def __init__(self, ks):
+        self.ks, self.chosen, self.observed = ks, 0, []
+
+    def choose(self, max_k):
+        self.chosen += 1
+        return min(self.ks[(self.chosen - 1) % len(self.ks)], max_k)
+
+    def observe(self, k, accepted, seconds):
+        self.observed.append((k, seconds))
+
+
+@pytest.mark.parametrize("slow_queue", [True, False], ids=["queue-waits", "queue-returns"])
+def test_a_round_is_timed_only_when_its_interval_is_its_own(slow_queue, loaded, monkeypatch):
+    """When queuing the next round waits (MLX's CPU), a read interval holds parts of two rounds:
+    rounds are timed only where the next one drafted the same K. When queuing returns at once (a
+    GPU), every steady round is timed by its own interval."""
+    pair, _ = loaded("e4b")
+    real_async_eval = mx.async_eval
+    if slow_queue:  # queuing waits far longer than the fixture's rounds compute
+        monkeypatch.setattr(engine.mx, "async_eval", lambda *a: (time.sleep(0.05), real_async_eval(*a))[1])
+    else:  # queuing costs nothing: the read waits for the computation
+        monkeypatch.setattr(engine.mx, "async_eval", lambda *a: None)
+    prompt = prompts_for(pair.view.args.sliding_window, 1, seed=3)[0]
+    for ks in ([2], [0, 2], [2, 2, 0]):
+        policy = Alternating(ks)
+        tokens = [t for t, _ in generate_tokens(pair, prompt, 40, policy)]
+        assert tokens == plain(pair, prompt, 40)
+        steady = policy.observed[2:-2]
+        assert len(steady) >= 6
+        for n, (k, seconds) in enumerate(steady, start=2):
+            following = ks[(n + 1) % len(ks)]  # round n + 1's K (rounds are numbered from 0 here)
+            if slow_queue and following != k:
+                assert seconds is None, (ks, n, policy.observed)
+            else:
+                assert seconds is not None and seconds > 0, (ks, n, policy.observed)
 
 def test_batch_generate_matches_generate_per_row(loaded):
     pair, tokenizer = loaded("31b")
