@@ -164,7 +164,7 @@ class Stats:
     def tokens_per_round(self) -> float:
         return (self.generated_tokens - 1) / self.rounds if self.rounds else 0.0
 
-    def record(self, drafts: list, accepted: int, seconds: float) -> None:
+    def record(self, drafts: list, accepted: int, seconds: Optional[float]) -> None:
         self.rounds += 1
         if seconds is not None:  # rounds whose time the pipeline could not tell apart are untimed
             self.round_seconds.append(seconds)

@@ -368,7 +368,7 @@ class Engine:
             # Queuing the next round waited for much of the interval (MLX's CPU: async_eval returns
             # only when little of a graph is left to run, measured), so the interval holds part of
             # this round and part of that one: it times a K only when both rounds drafted that K
-            # for the same rows. Otherwise (a GPU) it is this round's own.
+            # for as many rows. Otherwise (a GPU) it is this round's own.
             if newer.k != rnd.k or len(newer.uids) != len(rnd.uids):
                 seconds = None
         if self.trace is not None:
