@@ -43,15 +43,6 @@ class Pair:
         self._verify_shapes = set()
         self._shape_counts: dict = {}  # decode-forward shape -> forwards run eagerly at it
 
-    def release_compiled(self) -> None:
-        """Drop the compiled functions (compiled again on next use). MLX keeps a thread's compiled
-        graphs until the thread ends, and a sharded target's graphs hold mlx.nn's custom functions
-        (Python callbacks): freed after their thread ended, while the interpreter is already
-        exiting, they abort the process ("terminate called without an active exception"). A
-        thread that compiled them calls this before it ends."""
-        self._compiled_step = self._compiled_verify = None
-        self._traced_shapes, self._verify_shapes = set(), set()
-
     def draft_step(self):
         """The drafter's step: (token [B, 1], hidden [B, 1, H], K/V, masks, positions [B]) ->
         (greedy token [B, 1], normed h, projected hidden), compiled unless `compile_draft` is off.

@@ -210,7 +210,6 @@ class Leader:
                     self.round()
             except Exception as e:  # another rank is already gone
                 log.warning("could not stop the other processes: %s", e)
-        self.worker.pair.release_compiled()  # in the engine thread, before it ends
 
     def fail(self, message: str) -> None:
         """A round failed: the ranks may no longer be in step, so the whole group stops (rank 0

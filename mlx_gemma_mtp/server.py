@@ -167,6 +167,12 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         try:
+            self._run()
+        finally:
+            self._end_thread()
+
+    def _run(self) -> None:
+        try:
             self.pair, self.tokenizer = self.loader()
             self.engine = self._new_engine()
             if self.pair.group is not None:
@@ -189,6 +195,15 @@ class Worker(threading.Thread):
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
         if self.group is not None:
             self.group.close()
+
+    def _end_thread(self) -> None:
+        """Free this thread's MLX state while Python still runs. MLX frees a thread's compiled
+        graphs and streams when the thread ends, taking the GIL; once the main thread has begun
+        finalizing (it returns from `join` before this thread's exit is done), that aborts the
+        process ("terminate called without an active exception")."""
+        import mlx.core as mx
+
+        mx.clear_streams()
 
     def _new_engine(self):
         from .api import _engine
