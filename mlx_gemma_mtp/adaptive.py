@@ -6,26 +6,29 @@ after it. The controller keeps
 - per draft position i, decayed counts of "reached position i" and "accepted at position i"
   (a conditional acceptance rate, smoothed by a Beta prior whose mean is the previous position's
   estimate, so a position never tried looks like the one before it);
-- per drafting K, the median of its last `cost_window` round times (round costs are not linear in
-  K; a K measured only now and then keeps its measurements, and one slow round does not move them);
+- per K, plain included, the median of its last `cost_window` round times (round costs are not
+  linear in K; a K measured only now and then keeps its measurements, and one slow round does not
+  move them);
 - decayed least-squares sums for the round cost of drafting rounds, t(k) = a + b*k (k >= 1),
   with a weak prior on the slope (the line through the measured t(0), once there is one), for the
   K measured fewer than three times;
-- a decayed mean of plain rounds (K = 0) for t(0). A new controller runs plain rounds right after
-  its first drafting round until one is timed (at most three): how much a drafting round costs is
-  only known against t(0), and where verifying K + 1 tokens costs K + 1 times one (a CPU, a large batch) a slope guessed from
-  drafting rounds alone would keep it drafting at a loss for many rounds.
+- a decayed mean of plain rounds (K = 0) for t(0) until three are timed. A new controller runs
+  plain rounds right after its first drafting round until one is timed (at most `plain_tries`):
+  how much a drafting round costs is only known against t(0), and where verifying K + 1 tokens
+  costs K + 1 times one (a CPU, a large batch) a slope guessed from drafting rounds alone would
+  keep it drafting at a loss for many rounds.
 
 It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
 E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is learnt about the
 drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: position 1 gates every
 other); the back-off doubles after each probe that does not switch drafting back on, and resets
 when one does. While drafting, every `explore_every` rounds it measures a neighbour of the chosen
-K instead, for `explore_rounds` rounds in a row (sooner while a neighbour has fewer than three
-measurements), so a better K next to the current one is found from its own rounds rather than from
-the line: in a row, because on a CPU the engine times a K only from two consecutive rounds of it
-(engine.py: there, the interval between two reads holds parts of two rounds). Pure Python and
-O(max_k^2) per round: no MLX calls, nothing to synchronize.
+K instead (K = 1's lower neighbour is plain decoding), for `explore_rounds` rounds in a row
+(sooner while a neighbour has fewer than three measurements), so a better K next to the current
+one is found from its own rounds rather than from the line: in a row, because on a CPU the
+engine times a K only from two consecutive rounds of it (engine.py: there, the interval between
+two reads holds parts of two rounds). Pure Python and O(max_k^2) per round: no MLX calls,
+nothing to synchronize.
 """
 
 import statistics
@@ -46,6 +49,9 @@ class AdaptiveDraft:
     explore_rounds: int = 2  # ... for this many rounds in a row (a CPU's rounds are timed in pairs)
     cost_window: int = 5  # a drafting K's own last rounds that make its cost
     switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
+    # plain rounds a new controller runs for its first t(0): the engine does not time the warm-up
+    # forwards of a shape it has not met (decode.HOT_SHAPE of them: eager, then traced)
+    plain_tries: int = 6
     first_backoff: int = 8
     max_backoff: int = 256
 
@@ -65,7 +71,7 @@ class AdaptiveDraft:
         self._off_rounds = 0  # plain rounds since K = 0 last won or a probe ran
         self._backoff = self.first_backoff
         self._probing = False
-        self._k_times = {}  # per drafting K: its last `cost_window` round times
+        self._k_times = {}  # per K: its last `cost_window` round times
         self._since_explore = 0
         self._explored = 0  # neighbour measurements so far: alternates between the two sides
         self._exploring = (0, 0)  # (the neighbour being measured, rounds of it still to run)
@@ -95,8 +101,9 @@ class AdaptiveDraft:
         if self._sw <= 0:
             return None
         mean_k, mean_t = self._sk / self._sw, self._st / self._sw
-        if self._plain_w > 0:  # the slope's prior: the line through the measured plain rounds
-            b0 = max(mean_t - self._plain_t / self._plain_w, 0.0) / mean_k
+        t0 = self._plain_time()
+        if t0 is not None:  # the slope's prior: the line through the measured plain rounds
+            b0 = max(mean_t - t0, 0.0) / mean_k
         else:  # ... or relative to the line's own level: t(k) ~ a0 * (1 + c*k)
             b0 = self.slope_prior * mean_t / (1 + self.slope_prior * mean_k)
         lam = self.slope_prior_weight * self._sw
@@ -109,18 +116,23 @@ class AdaptiveDraft:
         # a K tried often enough is judged by its own measured rounds: real round costs are not
         # linear in K (matmul blocking, cache effects); the line covers the untried ones
         times = self._k_times.get(k, [])
-        if k > 0 and len(times) >= 3:
+        if len(times) >= 3:
             return statistics.median(times)
-        line = self.cost_line()
+        line, t0 = self.cost_line(), self._plain_time()
         if k == 0:
-            if self._plain_w > 0:
-                return self._plain_t / self._plain_w
-            return line[0] if line else 1.0
+            return t0 if t0 is not None else line[0] if line else 1.0
         if line is None:  # only plain rounds so far: assume the prior slope
-            t0 = self._plain_t / self._plain_w if self._plain_w > 0 else 1.0
-            return t0 * (1 + self.slope_prior * k)
+            return (t0 or 1.0) * (1 + self.slope_prior * k)
         a, b = line
         return max(a + b * k, 1e-9)
+
+    def _plain_time(self):
+        """t(0): the median of the last plain rounds once three are timed, their decayed mean
+        before that; None before any."""
+        times = self._k_times.get(0, [])
+        if len(times) >= 3:
+            return statistics.median(times)
+        return self._plain_t / self._plain_w if self._plain_w > 0 else None
 
     def rates(self, max_k: int) -> list:
         """Expected tokens per second for k = 0..max_k."""
@@ -138,7 +150,7 @@ class AdaptiveDraft:
         max_k = min(max_k, self.max_k)
         if max_k <= 0:
             return 0
-        if self.history and self._plain_w == 0 and self._plain_tries < 3:
+        if self.history and self._plain_w == 0 and self._plain_tries < self.plain_tries:
             # from the second round, plain rounds until one is timed: t(0) anchors the costs. More
             # than one: the first rounds of a pipeline are not timed, and on a CPU, where queued
             # rounds overlap, a lone plain round between drafting ones is timed with some of their cost
@@ -161,7 +173,9 @@ class AdaptiveDraft:
         if best > 0:
             self._probing, self._backoff, self._off_rounds = False, self.first_backoff, 0
             self._since_explore += 1
-            neighbours = [n for n in (best - 1, best + 1) if 1 <= n <= max_k]
+            # K = 1's lower neighbour is plain decoding: t(0) stays measured while drafting wins
+            # narrowly (a t(0) timed high once would otherwise keep drafting on at a loss)
+            neighbours = [n for n in (best - 1, best + 1) if 0 <= n <= max_k]
             unmeasured = [n for n in neighbours if len(self._k_times.get(n, [])) < 3]
             if neighbours and self._since_explore >= (self.first_explore_every if unmeasured else self.explore_every):
                 # now and then measure a neighbour, so the per-K costs stay current
@@ -199,6 +213,7 @@ class AdaptiveDraft:
             if timed:
                 self._plain_w = self._plain_w * d + 1
                 self._plain_t = self._plain_t * d + seconds
+                self._k_times[0] = (self._k_times.get(0, []) + [seconds])[-self.cost_window :]
             return
         self.reached = [n * d for n in self.reached]
         self.accepted = [a * d for a in self.accepted]

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
-import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.sample_utils import make_repetition_penalty
 

@@ -42,6 +42,10 @@ class Pair:
         self._compiled_verify = None
         self._verify_shapes = set()
         self._shape_counts: dict = {}  # decode-forward shape -> forwards run eagerly at it
+        # forwards built cold: run eagerly while their shape warms up, or traced for a new shape.
+        # A round with one costs more than the same round will from then on (the engine does not
+        # time it for the adaptive policy).
+        self.cold_forwards = 0
 
     def draft_step(self):
         """The drafter's step: (token [B, 1], hidden [B, 1, H], K/V, masks, positions [B]) ->
@@ -62,7 +66,10 @@ class Pair:
 
         def traced(token, hidden, kv, masks, position):
             keys = kv["full_attention"][0]  # an array, or a quantized cache's triple
-            shapes.add((token.shape[0], tuple(x.shape for x in (keys if isinstance(keys, tuple) else (keys,)))))
+            shape = (token.shape[0], tuple(x.shape for x in (keys if isinstance(keys, tuple) else (keys,))))
+            if shape not in shapes:
+                shapes.add(shape)
+                self.cold_forwards += 1
             return compiled(token, hidden, kv, masks, position)
 
         return traced
@@ -77,6 +84,7 @@ class Pair:
         states = [(c.keys, c.values) for c in cache]
         shape = (tokens.shape, tuple(a.shape for s in states for a in _leaves(s)))
         if not self.compile_verify or (shape not in self._verify_shapes and self._meet(shape) < HOT_SHAPE):
+            self.cold_forwards += self.compile_verify
             hidden = view.hidden(tokens, cache)
             return hidden, view.logits(hidden)
 
@@ -92,7 +100,9 @@ class Pair:
         if self._compiled_verify is None or (shape not in self._verify_shapes and len(self._verify_shapes) >= MAX_TRACES):
             self._compiled_verify = mx.compile(forward, inputs=[view.text.state])
             self._verify_shapes = set()
-        self._verify_shapes.add(shape)
+        if shape not in self._verify_shapes:
+            self._verify_shapes.add(shape)
+            self.cold_forwards += 1
         self._verify_cache = cache
         offset = cache[0].offset
         hidden, logits, states = self._compiled_verify(tokens, offset, states)

@@ -100,6 +100,7 @@ class Round:
     number: int = 0
     logprobs: Optional[tuple] = None  # (chosen [B, k+1], top ids [B, k+1, n], top values), if asked
     queue_seconds: float = 0.0  # how long async_eval took to queue it
+    cold: bool = False  # a forward of it ran eagerly or was traced (Pair.cold_forwards): not timed
 
 
 class FixedDraft:
@@ -132,6 +133,7 @@ class Engine:
         self.trace: Optional[list] = None
         self._uid = self._rounds = 0
         self._last_read = None
+        self._after_cold = False  # the last round read had a warm-up forward
 
     # --- rows join and leave ------------------------------------------------------------------
 
@@ -345,8 +347,9 @@ class Engine:
         k = max(0, policy.choose(room)) if self.pair.drafter is not None and room > 0 else 0
         in_flight = sum(r.k + 1 for r in self.queued)
         reserve(b.cache, max(r.offset for r in rows) + in_flight + k + 1)
+        cold = self.pair.cold_forwards
         rnd = build_round(self.pair, b, rows, k)
-        rnd.policy, rnd.number = policy, self._rounds + 1
+        rnd.policy, rnd.number, rnd.cold = policy, self._rounds + 1, self.pair.cold_forwards != cold
         built = time.perf_counter()
         mx.async_eval(rnd.tokens, rnd.accepted, rnd.drafts, rnd.logprobs, b.token, b.hidden, [c.state for c in b.cache])
         rnd.queue_seconds = time.perf_counter() - built
@@ -364,6 +367,11 @@ class Engine:
         seconds = None if self._last_read is None else now - self._last_read
         self._last_read = now
         newer = self.queued[-1] if self.queued else None
+        if rnd.cold or self._after_cold or (newer is not None and newer.cold):
+            # a warm-up forward in the interval: this round's, the next one's (or its trace), or
+            # the last one's (on MLX's CPU a read interval can hold the end of the round before)
+            seconds = None
+        self._after_cold = rnd.cold
         if seconds is not None and newer is not None and newer.queue_seconds > seconds / 4:
             # Queuing the next round waited for much of the interval (MLX's CPU: async_eval returns
             # only when little of a graph is left to run, measured), so the interval holds part of

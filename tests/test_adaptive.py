@@ -167,9 +167,10 @@ def test_a_controller_for_another_batch_size_starts_from_its_acceptance():
     assert fresh.history == [] and fresh.cost_line() is None  # costs are the batch size's own
 
 
-def test_plain_rounds_follow_until_one_is_timed_at_most_three():
-    """The first rounds of a pipeline are not timed: the plain anchor is asked again until one
-    is, and never more than three times (an engine that times nothing still drafts)."""
+def test_plain_rounds_follow_until_one_is_timed_at_most_plain_tries():
+    """The first rounds of a pipeline, and a new shape's warm-up forwards, are not timed: the
+    plain anchor is asked again until one is, and never more than `plain_tries` times (an engine
+    that times nothing still drafts)."""
     c = AdaptiveDraft(max_k=8)
     chosen = []
     for seconds in [None, None, 0.5]:
@@ -180,7 +181,26 @@ def test_plain_rounds_follow_until_one_is_timed_at_most_three():
 
     untimed = AdaptiveDraft(max_k=8)
     chosen = []
-    for _ in range(6):
+    for _ in range(untimed.plain_tries + 3):
         chosen.append(untimed.choose(8))
         untimed.observe(chosen[-1], 2 if chosen[-1] else 0, None)
-    assert chosen == [3, 0, 0, 0, 3, 3], chosen
+    assert chosen == [3] + [0] * untimed.plain_tries + [3, 3], chosen
+
+
+def test_a_plain_round_timed_high_once_does_not_keep_drafting_on():
+    """The first plain round is timed at four times its cost (on a CPU its interval can hold the
+    end of a warm-up round before it). With nothing accepted, drafting K = 1 then looks cheaper
+    than plain decoding; measuring plain decoding as K = 1's neighbour corrects t(0) (a median of
+    its own rounds), and drafting goes off."""
+    c = AdaptiveDraft(max_k=8)
+    first = [True]
+
+    def cost(k):
+        if k == 0 and first[0]:
+            first[0] = False
+            return 4 * round_cost(0)
+        return round_cost(k)
+
+    chosen = simulate(c, lambda r: 0.0, 120, cost=cost)
+    assert chosen[-40:].count(0) >= 30, chosen
+    assert abs(c.cost(0) - round_cost(0)) < 0.05 * round_cost(0)

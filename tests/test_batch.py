@@ -12,7 +12,7 @@ import reference_models as ref
 from mlx_gemma_mtp import batch_generate
 from mlx_gemma_mtp.bench import InjectedAcceptance
 from mlx_gemma_mtp.cache import cache_bytes
-from mlx_gemma_mtp.decode import Pair
+from mlx_gemma_mtp.decode import HOT_SHAPE, Pair
 from mlx_gemma_mtp.engine import Engine, Request, generate_tokens
 from mlx_gemma_mtp.sampling import Sampling
 
@@ -181,8 +181,10 @@ def test_a_round_is_timed_only_when_its_interval_is_its_own(slow_queue, loaded, 
         monkeypatch.setattr(engine.mx, "async_eval", lambda *a: None)
     prompt = prompts_for(pair.view.args.sliding_window, 1, seed=3)[0]
     for ks in ([2], [0, 2], [2, 2, 0]):
+        warm_up = [t for t, _ in generate_tokens(pair, prompt, 40, Alternating(ks))]  # shapes met: no warm-up forwards
         policy = Alternating(ks)
         tokens = [t for t, _ in generate_tokens(pair, prompt, 40, policy)]
+        assert tokens == warm_up
         assert tokens == plain(pair, prompt, 40)
         steady = policy.observed[2:-2]
         assert len(steady) >= 6
@@ -192,6 +194,25 @@ def test_a_round_is_timed_only_when_its_interval_is_its_own(slow_queue, loaded, 
                 assert seconds is None, (ks, n, policy.observed)
             else:
                 assert seconds is not None and seconds > 0, (ks, n, policy.observed)
+
+def test_warm_up_forwards_are_not_timed(loaded, monkeypatch):
+    """A forward run eagerly while its shape warms up, or traced, costs more than the same round
+    will from then on: the round is not timed, nor its neighbours (the one before it builds it,
+    perhaps tracing; on MLX's CPU the one after it can hold its end). On a fresh pair the first rounds are warm-ups; on the next run every steady round is
+    timed (queuing returns at once here, as on a GPU, so no interval is shared). The last round
+    drafts fewer tokens (max_tokens), a shape of its own: it and the round before it are cold."""
+    loaded_pair, _ = loaded("e4b")
+    pair = Pair(loaded_pair.target, loaded_pair.drafter)  # no shape met yet
+    monkeypatch.setattr(engine.mx, "async_eval", lambda *a: None)
+    prompt = prompts_for(pair.view.args.sliding_window, 1, seed=5)[0]
+    first, second = Alternating([2]), Alternating([2])
+    assert [t for t, _ in generate_tokens(pair, prompt, 24, first)] == plain(pair, prompt, 24)
+    # the verify shape's HOT_SHAPE - 1 eager forwards, its trace, and the round after them
+    assert [s for _, s in first.observed[: HOT_SHAPE + 1]] == [None] * (HOT_SHAPE + 1), first.observed
+    assert all(s is not None for _, s in first.observed[HOT_SHAPE + 1 : -2]), first.observed
+    assert [t for t, _ in generate_tokens(pair, prompt, 24, second)] == plain(pair, prompt, 24)
+    assert all(s is not None for _, s in second.observed[1:-2]), second.observed
+
 
 def test_batch_generate_matches_generate_per_row(loaded):
     pair, tokenizer = loaded("31b")
