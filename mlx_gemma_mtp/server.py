@@ -554,7 +554,7 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
             return [chunk(d, {"content": chat_logprobs(entries)} if entries and i == 0 else None)
                     for i, d in enumerate(out)]
 
-        async def events():
+        async def events(job):
             called = False
             try:
                 yield sse(chunk({"role": "assistant", "content": ""}))
@@ -581,8 +581,9 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
                 yield "data: [DONE]\n\n"
             finally:
                 worker.cancel(job)  # a no-op once it finished; a client that left stops its row
+                del job  # why: in /v1/completions' events below
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(events(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
@@ -617,7 +618,7 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
                 out["usage"] = None
             return out
 
-        async def events():
+        async def events(job):
             offset = 0
             try:
                 while True:
@@ -636,8 +637,13 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
                 yield "data: [DONE]\n\n"
             finally:
                 worker.cancel(job)
+                # A client that leaves cancels this generator, and anyio keeps the CancelledError
+                # in a reference cycle with its traceback, which holds this frame: without this
+                # the job (and a KV cache of its own, 1.4 MB on the demo pair) stayed in memory
+                # until Python's cycle collector next ran.
+                del job
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(events(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
