@@ -47,7 +47,7 @@ class AdaptiveDraft:
     explore_every: int = 16  # drafting rounds between measurements of a neighbouring K
     first_explore_every: int = 4  # ... while a neighbour has fewer than three measurements
     explore_rounds: int = 2  # ... for this many rounds in a row (a CPU's rounds are timed in pairs)
-    cost_window: int = 5  # a drafting K's own last rounds that make its cost
+    cost_window: int = 5  # a K's own last rounds that make its cost (plain's too)
     switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
     # plain rounds a new controller runs for its first t(0): the engine does not time the warm-up
     # forwards of a shape it has not met (decode.HOT_SHAPE of them: eager, then traced)
