@@ -9,7 +9,8 @@ For each draft setting a server (this script in `--child` mode: the real app and
 uvicorn, 127.0.0.1, a free port, no prompt cache so every request prefills) is started, warmed
 up, and driven with the official `openai` client: for each repeat, every concurrency runs the same
 greedy streaming requests, and `stream_generate` decodes the concurrency-1 prompts here while the
-server is idle (paired in the same repeat). With --inject, the server's rows and `generate` get
+server is idle (paired in the same repeat). At concurrency 1 the same requests are also sent with
+http.client (bare_request), to tell the server's cost from the openai client's. With --inject, the server's rows and `generate` get
 the same injected acceptance (bench.InjectedAcceptance). At concurrency 1 the same prompts are also
 sent unstreamed, and the CPU time the server process, this client and `stream_generate` spend per
 token is recorded: on a 2-core machine that CPU is what the server loses against an in-process loop.
@@ -153,6 +154,37 @@ async def one_request(client, prompt: list, tokens: int, stream: bool = True) ->
             "chunks": len(stamps), "rate": n / (stamps[-1] - sent)}
 
 
+def bare_request(port: int, prompt: list, tokens: int, stream: bool) -> float:
+    """Tokens per second of one request sent with http.client and read line by line: the server
+    measured without the openai client's per-chunk work, which on a 2-core machine takes CPU
+    from the decode it measures."""
+    import http.client
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    sent = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        if not stream:
+            n = json.loads(reply.read())["usage"]["completion_tokens"]
+            return n / (time.perf_counter() - sent)
+        last = n = None
+        for line in reply:
+            if not line.startswith(b"data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data["choices"] and data["choices"][0]["text"]:
+                last = time.perf_counter()
+            if data.get("usage"):
+                n = data["usage"]["completion_tokens"]
+        return n / (last - sent)
+    finally:
+        conn.close()
+
+
 async def run_pass(port: int, prompts: list, tokens: int, concurrency: int, stream: bool = True) -> dict:
     from openai import AsyncOpenAI
 
@@ -241,7 +273,7 @@ def main():
             asyncio.run(run_pass(port, prompts[:2], opts.tokens, 2))  # warm-up
             generate_rate(pair, tokenizer, solo[:1], opts.tokens, value, filters)  # warm-up
             runs = {c: [] for c in opts.concurrency}
-            gen, ratio, whole, cpu = [], [], [], []
+            gen, ratio, whole, cpu, bare, bare_whole = [], [], [], [], [], []
             for rep in range(opts.repeats):
                 for c in opts.concurrency:
                     server_cpu, client_cpu = cpu_seconds(proc.pid), time.process_time()
@@ -258,6 +290,8 @@ def main():
                 if 1 in runs:
                     ratio.append(runs[1][-1]["rate"] / gen[-1])
                     whole.append(asyncio.run(run_pass(port, solo, opts.tokens, 1, stream=False))["rate"] / gen[-1])
+                    for out, stream in ((bare, True), (bare_whole, False)):
+                        out.append(statistics.mean(bare_request(port, p, opts.tokens, stream) for p in solo) / gen[-1])
                 print(f"{setting} repeat {rep + 1}: " + ", ".join(
                     f"c={c} {runs[c][-1]['aggregate_tok_s']:.1f} tok/s" for c in opts.concurrency) +
                     f"; generate {gen[-1]:.1f} tok/s" + (f"; c=1 not streamed / generate {whole[-1]:.3f}"
@@ -271,6 +305,8 @@ def main():
         out = {"generate_tok_s": statistics.median(gen),
                "server_over_generate_c1": statistics.median(ratio) if ratio else None,
                "server_not_streamed_over_generate_c1": statistics.median(whole) if whole else None,
+               "bare_client_over_generate_c1": statistics.median(bare) if bare else None,
+               "bare_client_not_streamed_over_generate_c1": statistics.median(bare_whole) if bare_whole else None,
                "cpu_ms_per_token_c1": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} if cpu else None,
                "concurrency": {}}
         for c in opts.concurrency:
@@ -306,7 +342,9 @@ def main():
             c = o["cpu_ms_per_token_c1"]
             lines.append(f"{s}, concurrency 1, over stream_generate (tokens over the whole request, paired median): "
                          f"streamed {o['server_over_generate_c1']:.3f}, not streamed "
-                         f"{o['server_not_streamed_over_generate_c1']:.3f}; CPU ms per streamed token: server "
+                         f"{o['server_not_streamed_over_generate_c1']:.3f}; with http.client instead of openai: "
+                         f"streamed {o['bare_client_over_generate_c1']:.3f}, not streamed "
+                         f"{o['bare_client_not_streamed_over_generate_c1']:.3f}; CPU ms per streamed token: server "
                          f"{c['server_ms']:.2f}, client {c['client_ms']:.2f}, stream_generate {c['generate_ms']:.2f}")
     text = "\n".join(lines)
     print(text)

@@ -227,3 +227,15 @@ class AdaptiveDraft:
             self._sw, self._sk, self._skk = self._sw * d + 1, self._sk * d + k, self._skk * d + k * k
             self._st, self._skt = self._st * d + seconds, self._skt * d + k * seconds
             self._k_times[k] = (self._k_times.get(k, []) + [seconds])[-self.cost_window :]
+
+
+def controller_for(controllers: dict, batch_size: int, max_k: int = 8) -> AdaptiveDraft:
+    """The controller for rounds of `batch_size` rows, kept in `controllers` (one per B: round
+    costs differ with B). A new one starts from the nearest B's acceptance counts: acceptance is
+    the drafter's and the text's, not B's."""
+    if batch_size not in controllers:
+        policy = AdaptiveDraft(max_k=max_k)
+        if controllers:
+            policy.learn_acceptance(controllers[min(controllers, key=lambda b: abs(b - batch_size))])
+        controllers[batch_size] = policy
+    return controllers[batch_size]

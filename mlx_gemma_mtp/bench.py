@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import Pair, Stats
-from .adaptive import AdaptiveDraft
+from .adaptive import AdaptiveDraft, controller_for
 from .blas import openblas_loaded
 from .cache import concat_rows, reserve, set_offset
 from .decode import HOT_SHAPE
@@ -151,15 +151,38 @@ def median_time(fn: Callable, repeats: int) -> float:
     return statistics.median(times)
 
 
+def queued_time(fn: Callable, repeats: int) -> float:
+    """Seconds per call of `fn` (which returns unevaluated arrays) when each call is queued before
+    the one before it is read, as the engine queues its rounds: the device's cost of the graph,
+    with the host's building of the next one off the critical path."""
+    mx.eval(fn())  # warm-up
+    start, last = time.perf_counter(), None
+    for _ in range(repeats):
+        out = fn()
+        mx.async_eval(out)
+        if last is not None:
+            mx.eval(last)
+        last = out
+    mx.eval(last)
+    return (time.perf_counter() - start) / repeats
+
+
 @dataclass
 class StepCosts:
     plain: float  # one target token, argmax included
     verify: dict  # k -> seconds for verifying k + 1 tokens
     draft: dict  # k -> seconds for a k-step draft block, as the loop runs it
     draft_eager: dict = field(default_factory=dict)  # ... without mx.compile, for comparison
+    # the same graphs queued back to back (queued_time): no host synchronization inside
+    plain_queued: Optional[float] = None
+    verify_queued: dict = field(default_factory=dict)
+    draft_queued: dict = field(default_factory=dict)
 
     def round(self, k: int) -> float:
         return self.plain if k == 0 else self.verify[k] + self.draft[k]
+
+    def round_queued(self, k: int) -> float:
+        return self.plain_queued if k == 0 else self.verify_queued[k] + self.draft_queued.get(k, 0.0)
 
 
 def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3, batch: int = 1) -> StepCosts:
@@ -178,18 +201,23 @@ def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3, batch: 
     state = Batch(list(range(batch)), cache, token, hidden, mx.zeros((batch,), mx.uint32))
     groups = [(Greedy(Sampling()), list(range(batch)))]
 
-    def verify(n):  # as the loop runs it: through Pair.verify, compiled once the shape is hot
+    def verify_graph(n):  # as the loop runs it: through Pair.verify, compiled once the shape is hot
         _, logits = pair.verify(mx.concatenate([token] * n, axis=1), cache)
-        mx.eval(mx.argmax(logits, axis=-1))
         set_offset(cache, offset)
+        return mx.argmax(logits, axis=-1)
+
+    def verify(n):
+        mx.eval(verify_graph(n))
 
     for n in [1] + [k + 1 for k in ks]:
         for _ in range(HOT_SHAPE):
             verify(n)
 
+    def draft_graph(k):
+        return draft_block(pair, state, groups, offset, k)[0]
+
     def draft(k):
-        drafts, _ = draft_block(pair, state, groups, offset, k)
-        mx.eval(drafts)
+        mx.eval(draft_graph(k))
 
     def draft_times():
         return {k: median_time(lambda: draft(k), repeats) for k in ks} if pair.drafter is not None else {}
@@ -202,7 +230,11 @@ def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3, batch: 
         eager_draft = draft_times() if compiled else loop_draft
     finally:
         pair.compile_draft = compiled
-    return StepCosts(plain, verify_times, loop_draft, eager_draft)
+    queued = 4 * repeats  # short graphs: more of them, so the pipeline's ends weigh little
+    plain_queued = queued_time(lambda: verify_graph(1), queued)
+    verify_queued = {k: queued_time(lambda: verify_graph(k + 1), queued) for k in ks}
+    draft_queued = {k: queued_time(lambda: draft_graph(k), queued) for k in ks} if pair.drafter is not None else {}
+    return StepCosts(plain, verify_times, loop_draft, eager_draft, plain_queued, verify_queued, draft_queued)
 
 
 def median_steps(runs: list) -> StepCosts:
@@ -214,6 +246,9 @@ def median_steps(runs: list) -> StepCosts:
         {k: med([r.verify[k] for r in runs]) for k in runs[0].verify},
         {k: med([r.draft[k] for r in runs]) for k in runs[0].draft},
         {k: med([r.draft_eager[k] for r in runs]) for k in runs[0].draft_eager},
+        med([r.plain_queued for r in runs]) if runs[0].plain_queued is not None else None,
+        {k: med([r.verify_queued[k] for r in runs]) for k in runs[0].verify_queued},
+        {k: med([r.draft_queued[k] for r in runs]) for k in runs[0].draft_queued},
     )
 
 
@@ -418,14 +453,20 @@ class BatchRun:
     ks: list = field(default_factory=list)  # K of each round in the timed window
 
 
-def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipelined: bool = True) -> BatchRun:
-    """The prompts as rows of one batch (greedy); timed from the moment every row has joined."""
+def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipelined: bool = True,
+              controllers: Optional[dict] = None, max_k: int = 8) -> BatchRun:
+    """The prompts as rows of one batch (greedy); timed from the moment every row has joined.
+    `k`: a draft length, "adaptive" (with `controllers`, the adaptive policy's controllers per
+    batch size: the engine's own are the pair's) or a policy object used at every batch size."""
     from .engine import Engine, Request
 
     fresh_memory()
     eng = Engine(pair, k if not hasattr(k, "choose") else 0, pipelined=pipelined)
     if hasattr(k, "choose"):
         eng._policy = lambda batch_size: k
+    elif k == "adaptive" and controllers is not None:
+        # as the engine does: rows that finish early leave a smaller B, whose rounds cost less
+        eng._policy = lambda batch_size: controller_for(controllers, batch_size, max_k)
     eng.trace = []
     uids = [eng.insert(p, Request(max_tokens, Sampling(), frozenset(), None, f)) for p, f in zip(prompts, filters)]
     stats = [eng.rows[u].stats for u in uids]
@@ -454,23 +495,25 @@ def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipe
 
 
 def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, log=print) -> dict:
-    """Per batch size B: the first B prompts as rows of one batch, plain and MTP (each K of
-    opts.ks and adaptive), beside the same prompts decoded one after another; interleaved over
-    the repeats. Greedy; every row's output is checked against its own single-stream plain run."""
+    """Per batch size B: B prompts (each repeat the next B, in turn) as rows of one batch, plain
+    and MTP (each K of opts.ks and adaptive), beside the same prompts decoded one after another;
+    interleaved over the repeats. Greedy; every row's output is checked against its own single-stream plain run."""
     vocab = pair.view.args.vocab_size
     extra = max(opts.ks + [8]) + 2
-    continuations = [run_batch(pair, [p], opts.tokens + extra, 0, [None]).tokens[0] for p in prompts[: max(batches)]]
+    continuations = [run_batch(pair, [p], opts.tokens + extra, 0, [None]).tokens[0] for p in prompts]
     filters = [
         InjectedAcceptance(c, len(p), opts.inject, vocab, opts.seed + i) if opts.inject is not None else None
         for i, (p, c) in enumerate(zip(prompts, continuations))
     ]
     settings = [0] + list(opts.ks) + (["adaptive"] if opts.adaptive else [])
-    controllers = {}  # one adaptive controller per B, kept across repeats, as the engine keeps one per pair
+    # the adaptive policy's controllers per B, kept across repeats as the engine keeps them on the
+    # pair; read-then-queue rounds are timed differently: they keep their own
+    controllers = {"pipelined": {}, "unpipelined": {}}
+    max_k = max(opts.ks + [8])
 
-    def policy(k, batch):
-        if k != "adaptive":
-            return k
-        return controllers.setdefault(batch, AdaptiveDraft(max_k=max(opts.ks + [8])))
+    def run(rows, k, row_filters, pipelined=True):
+        return run_batch(pair, rows, opts.tokens, k, row_filters, pipelined,
+                         controllers["pipelined" if pipelined else "unpipelined"], max_k)
 
     context = prompts[0] + continuations[0][: opts.tokens // 2]
     report = {"acceptance_injected": opts.inject is not None, "injected_profile": opts.inject,
@@ -478,21 +521,24 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
               "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
               "openblas_preloaded": openblas_loaded(), "batches": []}
     for batch in batches:
-        rows, row_filters = prompts[:batch], filters[:batch]
-        expected = [c[: opts.tokens] for c in continuations[:batch]]
         for k in settings:  # warm-up: traces, allocations
-            run_batch(pair, rows, min(8, opts.tokens), policy(k, batch), row_filters)
+            run_batch(pair, prompts[:batch], min(8, opts.tokens), k, filters[:batch], True, controllers["pipelined"], max_k)
         runs = {k: [] for k in settings}
         runs["unpipelined"], runs["sequential_plain"], runs["sequential_adaptive"] = [], [], []
-        steps = []
+        steps, expected = [], []
         for rep in range(opts.repeats):
+            # each repeat its own B prompts, taken in turn: the best fixed K is then the best one
+            # over several texts, as a user would pick it, not the one that suits a single text
+            at = [(rep * batch + i) % len(prompts) for i in range(batch)]
+            rows, row_filters = [prompts[i] for i in at], [filters[i] for i in at]
+            expected.append([continuations[i][: opts.tokens] for i in at])
             steps.append(measure_steps(pair, context, list(range(1, max(opts.ks + [8]) + 1)), opts.step_repeats, batch))
             for k in settings:
-                runs[k].append(run_batch(pair, rows, opts.tokens, policy(k, batch), row_filters))
+                runs[k].append(run(rows, k, row_filters))
             if opts.adaptive:
-                runs["unpipelined"].append(run_batch(pair, rows, opts.tokens, policy("adaptive", batch), row_filters, False))
+                runs["unpipelined"].append(run(rows, "adaptive", row_filters, pipelined=False))
             for name, k in (("sequential_plain", 0), ("sequential_adaptive", "adaptive")):
-                singles = [run_batch(pair, [p], opts.tokens, policy(k, 1), [f]) for p, f in zip(rows, row_filters)]
+                singles = [run([p], k, [f]) for p, f in zip(rows, row_filters)]
                 runs[name].append(BatchRun(
                     [s.tokens[0] for s in singles], sum(s.decode_seconds for s in singles),
                     sum(s.decoded for s in singles), sum(s.rounds for s in singles),
@@ -501,7 +547,11 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
         step = median_steps(steps)
         entry = {"batch": batch, "step_seconds": {
             "plain": step.plain, "verify_k_plus_1": {str(k): v for k, v in step.verify.items()},
-            "draft_block_k": {str(k): v for k, v in step.draft.items()}}, "settings": {}}
+            "draft_block_k": {str(k): v for k, v in step.draft.items()}, "plain_queued": step.plain_queued,
+            "verify_k_plus_1_queued": {str(k): v for k, v in step.verify_queued.items()},
+            "draft_block_k_queued": {str(k): v for k, v in step.draft_queued.items()}},
+            "prompts_per_repeat": [[(rep * batch + i) % len(prompts) for i in range(batch)] for rep in range(opts.repeats)],
+            "settings": {}}
         plain_rates = [r.decoded / r.decode_seconds for r in runs[0]]
         for name, rs in runs.items():
             if not rs:
@@ -518,7 +568,7 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
                 "tokens_per_round_per_row": per_round,
                 "host_build_share": sum(r.host_build for r in rs) / max(sum(r.decode_seconds for r in rs), 1e-9),
                 "device_idle_share": sum(r.device_idle for r in rs) / max(sum(r.decode_seconds for r in rs), 1e-9),
-                "matches_plain": all(t == x for r in rs for t, x in zip(r.tokens, expected)),
+                "matches_plain": all(t == x for r, want in zip(rs, expected) for t, x in zip(r.tokens, want)),
             }
             if isinstance(name, int) or name in ("adaptive", "unpipelined"):
                 # ideal: the timed rounds at the parts' costs measured at this B (verify B x (K+1)
@@ -528,6 +578,14 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
                 e["ideal_over_batched_plain"] = plain_time / ideal_time if ideal_time else None
                 e["measured_over_ideal"] = (e["over_batched_plain"] / e["ideal_over_batched_plain"]
                                             if e.get("ideal_over_batched_plain") else None)
+                # the same with every part timed queued back to back (queued_time): the parts timed
+                # one synchronization each carry host time that the pipelined loop hides, plain
+                # steps most of all (their graphs are the smallest), so that ideal favours MTP
+                queued_time_ = sum(step.round_queued(n) for r in rs for n in r.ks)
+                e["queued_ideal_over_batched_plain"] = (sum(r.decoded for r in rs) / batch * step.plain_queued
+                                                        / queued_time_ if queued_time_ else None)
+                e["measured_over_queued_ideal"] = (e["over_batched_plain"] / e["queued_ideal_over_batched_plain"]
+                                                   if e.get("queued_ideal_over_batched_plain") else None)
             entry["settings"][str(name)] = e
         report["batches"].append(entry)
         log(f"B={batch}: " + ", ".join(f"{n} {v['tokens_per_second']:.1f} tok/s" for n, v in entry["settings"].items()))
@@ -538,8 +596,9 @@ def format_batches(report: dict) -> str:
     lines = [f"acceptance: {'injected ' + str(report['injected_profile']) if report['acceptance_injected'] else 'the drafter own (not injected)'}",
              f"{report['machine']}; {report['device']}; OpenBLAS preloaded: {report['openblas_preloaded']}; "
              f"{report['tokens']} tokens per row, median of {report['repeats']} repeats",
-             "", "B | setting | aggregate tok/s | x batched plain | ideal | meas/ideal | tok/round/row | host build share | device idle share | same output",
-             "--- | --- | --- | --- | --- | --- | --- | --- | --- | ---"]
+             "ideal: from the parts timed with one synchronization each; queued: from the parts queued back to back (bench.queued_time)",
+             "", "B | setting | aggregate tok/s | x batched plain | ideal | meas/ideal | queued ideal | meas/queued ideal | tok/round/row | host build share | device idle share | same output",
+             "--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---"]
     for entry in report["batches"]:
         for name, e in entry["settings"].items():
             label = {"0": "plain", "unpipelined": "adaptive, not pipelined"}.get(name, name if not name.isdigit() else f"K={name}")
@@ -547,6 +606,8 @@ def format_batches(report: dict) -> str:
                 str(entry["batch"]), label, f"{e['tokens_per_second']:.2f}", f"{e['over_batched_plain']:.2f}",
                 f"{e['ideal_over_batched_plain']:.2f}" if e.get("ideal_over_batched_plain") else "-",
                 f"{e['measured_over_ideal']:.2f}" if e.get("measured_over_ideal") else "-",
+                f"{e['queued_ideal_over_batched_plain']:.2f}" if e.get("queued_ideal_over_batched_plain") else "-",
+                f"{e['measured_over_queued_ideal']:.2f}" if e.get("measured_over_queued_ideal") else "-",
                 f"{e['tokens_per_round_per_row']:.2f}", f"{e['host_build_share']:.3f}", f"{e['device_idle_share']:.3f}",
                 str(e["matches_plain"])]))
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from .adaptive import AdaptiveDraft
+from .adaptive import controller_for
 from .cache import concat_rows, reserve, set_offset, take_rows
 from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
 from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
@@ -327,14 +327,7 @@ class Engine:
     def _policy(self, batch_size: int):
         if self.num_draft_tokens != "adaptive":
             return FixedDraft(self.num_draft_tokens)
-        # one controller per pair and batch size: costs differ with B; what it learns carries over
-        policies = self.pair.adaptive
-        if batch_size not in policies:
-            policy = AdaptiveDraft(max_k=8)
-            if policies:  # acceptance is the drafter's and the text's, not B's: start from the nearest B's
-                policy.learn_acceptance(policies[min(policies, key=lambda b: abs(b - batch_size))])
-            policies.setdefault(batch_size, policy)
-        return policies[batch_size]
+        return controller_for(self.pair.adaptive, batch_size)  # kept on the pair: it carries over between calls
 
     def _submit(self) -> None:
         start = time.perf_counter()

@@ -247,3 +247,23 @@ def test_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatch):
     assert result.exit_code != 0
     one_error_line(result.stderr, "--plot needs matplotlib")
     assert result.stdout == "" and not out.exists()
+
+
+def test_batch_report_rotates_prompts_and_has_both_ideals(tiny_pair):
+    pair, _ = tiny_pair
+    prompts = [prompt(10 + i, seed=i) for i in range(3)]
+    opts = b.BenchOptions(tokens=10, repeats=3, ks=[1, 2], inject=[0.8, 0.5], step_repeats=1)
+    report = b.bench_batches(pair, prompts, opts, [2], log=lambda m: None)
+    entry = report["batches"][0]
+    # each repeat takes the next two prompts, wrapping around
+    assert entry["prompts_per_repeat"] == [[0, 1], [2, 0], [1, 2]]
+    steps = entry["step_seconds"]
+    assert steps["plain_queued"] > 0 and set(steps["verify_k_plus_1_queued"]) == set(steps["draft_block_k_queued"])
+    for name in ("1", "2", "adaptive"):
+        e = entry["settings"][name]
+        assert e["matches_plain"] is True, name  # every row of every repeat equals its own plain run
+        assert e["queued_ideal_over_batched_plain"] > 0
+        assert e["measured_over_queued_ideal"] == pytest.approx(
+            e["over_batched_plain"] / e["queued_ideal_over_batched_plain"])
+    text = b.format_batches({"model": "tiny", **report})
+    assert "meas/queued ideal" in text and "\n2 | adaptive | " in text
