@@ -497,7 +497,8 @@ def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipe
 def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, log=print) -> dict:
     """Per batch size B: B prompts (each repeat the next B, in turn) as rows of one batch, plain
     and MTP (each K of opts.ks and adaptive), beside the same prompts decoded one after another;
-    interleaved over the repeats. Greedy; every row's output is checked against its own single-stream plain run."""
+    interleaved over the repeats. Greedy; every row's output is checked against its own
+    single-stream plain run."""
     vocab = pair.view.args.vocab_size
     extra = max(opts.ks + [8]) + 2
     continuations = [run_batch(pair, [p], opts.tokens + extra, 0, [None]).tokens[0] for p in prompts]
@@ -511,8 +512,8 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
     controllers = {"pipelined": {}, "unpipelined": {}}
     max_k = max(opts.ks + [8])
 
-    def run(rows, k, row_filters, pipelined=True):
-        return run_batch(pair, rows, opts.tokens, k, row_filters, pipelined,
+    def run(rows, k, row_filters, pipelined=True, tokens=opts.tokens):
+        return run_batch(pair, rows, tokens, k, row_filters, pipelined,
                          controllers["pipelined" if pipelined else "unpipelined"], max_k)
 
     context = prompts[0] + continuations[0][: opts.tokens // 2]
@@ -522,14 +523,15 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
               "openblas_preloaded": openblas_loaded(), "batches": []}
     for batch in batches:
         for k in settings:  # warm-up: traces, allocations
-            run_batch(pair, prompts[:batch], min(8, opts.tokens), k, filters[:batch], True, controllers["pipelined"], max_k)
+            run(prompts[:batch], k, filters[:batch], tokens=min(8, opts.tokens))
         runs = {k: [] for k in settings}
         runs["unpipelined"], runs["sequential_plain"], runs["sequential_adaptive"] = [], [], []
-        steps, expected = [], []
+        steps, expected, taken = [], [], []
         for rep in range(opts.repeats):
             # each repeat its own B prompts, taken in turn: the best fixed K is then the best one
             # over several texts, as a user would pick it, not the one that suits a single text
             at = [(rep * batch + i) % len(prompts) for i in range(batch)]
+            taken.append(at)
             rows, row_filters = [prompts[i] for i in at], [filters[i] for i in at]
             expected.append([continuations[i][: opts.tokens] for i in at])
             steps.append(measure_steps(pair, context, list(range(1, max(opts.ks + [8]) + 1)), opts.step_repeats, batch))
@@ -550,7 +552,7 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
             "draft_block_k": {str(k): v for k, v in step.draft.items()}, "plain_queued": step.plain_queued,
             "verify_k_plus_1_queued": {str(k): v for k, v in step.verify_queued.items()},
             "draft_block_k_queued": {str(k): v for k, v in step.draft_queued.items()}},
-            "prompts_per_repeat": [[(rep * batch + i) % len(prompts) for i in range(batch)] for rep in range(opts.repeats)],
+            "prompts_per_repeat": taken,
             "settings": {}}
         plain_rates = [r.decoded / r.decode_seconds for r in runs[0]]
         for name, rs in runs.items():
@@ -578,12 +580,12 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
                 e["ideal_over_batched_plain"] = plain_time / ideal_time if ideal_time else None
                 e["measured_over_ideal"] = (e["over_batched_plain"] / e["ideal_over_batched_plain"]
                                             if e.get("ideal_over_batched_plain") else None)
-                # the same with every part timed queued back to back (queued_time): the parts timed
-                # one synchronization each carry host time that the pipelined loop hides, plain
-                # steps most of all (their graphs are the smallest), so that ideal favours MTP
-                queued_time_ = sum(step.round_queued(n) for r in rs for n in r.ks)
+                # the same with every part timed queued back to back (queued_time): timed with one
+                # synchronization each, the parts carry host time the pipelined loop means to hide
+                # (a K-step draft block most of all), so that ideal understates the device's
+                queued_rounds = sum(step.round_queued(n) for r in rs for n in r.ks)
                 e["queued_ideal_over_batched_plain"] = (sum(r.decoded for r in rs) / batch * step.plain_queued
-                                                        / queued_time_ if queued_time_ else None)
+                                                        / queued_rounds if queued_rounds else None)
                 e["measured_over_queued_ideal"] = (e["over_batched_plain"] / e["queued_ideal_over_batched_plain"]
                                                    if e.get("queued_ideal_over_batched_plain") else None)
             entry["settings"][str(name)] = e
