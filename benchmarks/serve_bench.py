@@ -9,11 +9,12 @@ For each draft setting a server (this script in `--child` mode: the real app and
 uvicorn, 127.0.0.1, a free port, no prompt cache so every request prefills) is started, warmed
 up, and driven with the official `openai` client: for each repeat, every concurrency runs the same
 greedy streaming requests, and `stream_generate` decodes the concurrency-1 prompts here while the
-server is idle (paired in the same repeat). At concurrency 1 the same requests are also sent with
-http.client (bare_request), to tell the server's cost from the openai client's. With --inject, the server's rows and `generate` get
+server is idle (paired in the same repeat). With --inject, the server's rows and `generate` get
 the same injected acceptance (bench.InjectedAcceptance). At concurrency 1 the same prompts are also
-sent unstreamed, and the CPU time the server process, this client and `stream_generate` spend per
-token is recorded: on a 2-core machine that CPU is what the server loses against an in-process loop.
+sent unstreamed, and streamed and not through http.client (bare_request: the server without the
+openai client's per-chunk work); the CPU time the server process, this client and
+`stream_generate` spend per token is recorded: on a 2-core machine that CPU is what the server
+loses against an in-process loop.
 Speeds on a Linux CPU are only meaningful as ratios (see measuring.md).
 """
 

@@ -182,7 +182,7 @@ class StepCosts:
         return self.plain if k == 0 else self.verify[k] + self.draft[k]
 
     def round_queued(self, k: int) -> float:
-        return self.plain_queued if k == 0 else self.verify_queued[k] + self.draft_queued.get(k, 0.0)
+        return self.plain_queued if k == 0 else self.verify_queued[k] + self.draft_queued[k]
 
 
 def measure_steps(pair: Pair, context: list, ks: list, repeats: int = 3, batch: int = 1) -> StepCosts:
