@@ -8,13 +8,12 @@ MTP against plain decoding, and the server at concurrency 1 against `generate` i
 For each draft setting a server (this script in `--child` mode: the real app and engine thread on
 uvicorn, 127.0.0.1, a free port, no prompt cache so every request prefills) is started, warmed
 up, and driven with the official `openai` client: for each repeat, every concurrency runs the same
-greedy streaming requests, and `stream_generate` decodes the concurrency-1 prompts here while the
-server is idle (paired in the same repeat). With --inject, the server's rows and `generate` get
-the same injected acceptance (bench.InjectedAcceptance). At concurrency 1 the same prompts are also
-sent unstreamed, and streamed and not through http.client (bare_request: the server without the
-openai client's per-chunk work); the CPU time the server process, this client and
-`stream_generate` spend per token is recorded: on a 2-core machine that CPU is what the server
-loses against an in-process loop.
+greedy streaming requests. At concurrency 1 each prompt is then sent four ways (the openai client
+and a bare http.client reader, streamed and not: `solo_ratios`), each between two `stream_generate`
+runs of that prompt here while the server is idle, and divided by their mean rate. With --inject,
+the server's rows and `generate` get the same injected acceptance (bench.InjectedAcceptance). The
+CPU time the server process, this client and `stream_generate` spend per token is recorded: on a
+2-core machine that CPU is what the server loses against an in-process loop.
 Speeds on a Linux CPU are only meaningful as ratios (see measuring.md).
 """
 
@@ -155,8 +154,8 @@ async def one_request(client, prompt: list, tokens: int, stream: bool = True) ->
             "chunks": len(stamps), "rate": n / (stamps[-1] - sent)}
 
 
-def bare_request(port: int, prompt: list, tokens: int, stream: bool) -> float:
-    """Tokens per second of one request sent with http.client and read line by line: the server
+def bare_request(port: int, prompt: list, tokens: int, stream: bool) -> tuple:
+    """(tokens per second, tokens) of one request sent with http.client and read line by line: the server
     measured without the openai client's per-chunk work, which on a 2-core machine takes CPU
     from the decode it measures."""
     import http.client
@@ -171,7 +170,7 @@ def bare_request(port: int, prompt: list, tokens: int, stream: bool) -> float:
         reply = conn.getresponse()
         if not stream:
             n = json.loads(reply.read())["usage"]["completion_tokens"]
-            return n / (time.perf_counter() - sent)
+            return n / (time.perf_counter() - sent), n
         last = n = None
         for line in reply:
             if not line.startswith(b"data: {"):
@@ -181,7 +180,7 @@ def bare_request(port: int, prompt: list, tokens: int, stream: bool) -> float:
                 last = time.perf_counter()
             if data.get("usage"):
                 n = data["usage"]["completion_tokens"]
-        return n / (last - sent)
+        return n / (last - sent), n
     finally:
         conn.close()
 
@@ -209,20 +208,61 @@ async def run_pass(port: int, prompts: list, tokens: int, concurrency: int, stre
             "rate": statistics.mean(r["rate"] for r in results)}
 
 
-def generate_rate(pair, tokenizer, prompts, tokens, setting, filters) -> tuple:
-    """(mean rate of stream_generate over the prompts: tokens over the whole call, as a request's;
-    tokens in all)."""
+def generate_one(pair, tokenizer, prompt, tokens, setting, filters) -> tuple:
+    """(rate of stream_generate on one prompt: tokens over the whole call, as a request's; tokens)."""
     from mlx_gemma_mtp.api import stream_generate
 
-    rates, count = [], 0
+    make = filters.get(tuple(prompt))
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in stream_generate(
+        pair, tokenizer, prompt, tokens, setting, draft_filter=make() if make else None)]
+    return len(stamps) / (stamps[-1] - start), len(stamps)
+
+
+# concurrency 1 through the server: the openai client or http.client (bare_request), streamed or not
+SOLO_MODES = ("openai_streamed", "openai_not_streamed", "http_client_streamed", "http_client_not_streamed")
+
+
+def solo_request(port: int, prompt: list, tokens: int, mode: str) -> tuple:
+    """(tokens per second, tokens) of one request sent the way `mode` says."""
+    stream = not mode.endswith("not_streamed")
+    if mode.startswith("openai"):
+        done = asyncio.run(run_pass(port, [prompt], tokens, 1, stream))
+        return done["rate"], done["tokens"]
+    return bare_request(port, prompt, tokens, stream)
+
+
+def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters) -> tuple:
+    """The server at concurrency 1 against stream_generate here, interleaved request by request:
+    each server request runs between two stream_generate runs of its prompt and is divided by
+    their mean rate, so the machine's drift (runs minutes apart differed by up to 40% here)
+    cancels. -> (stream_generate's rates, {mode: [ratio per prompt], server_ms, client_ms,
+    generate_ms: CPU per token of the server process and this client (openai streamed) and of
+    stream_generate})."""
+    gen, out = [], {m: [] for m in SOLO_MODES}
+    cpu = {"server": 0.0, "client": 0.0, "generate": 0.0}
+    counted = {"streamed": 0, "generate": 0}
     for p in prompts:
-        make = filters.get(tuple(p))
-        start = time.perf_counter()
-        stamps = [time.perf_counter() for _ in stream_generate(
-            pair, tokenizer, p, tokens, setting, draft_filter=make() if make else None)]
-        rates.append(len(stamps) / (stamps[-1] - start))
-        count += len(stamps)
-    return statistics.mean(rates), count
+        before, mine = time.process_time(), generate_one(pair, tokenizer, p, tokens, setting, filters)
+        cpu["generate"] += time.process_time() - before
+        counted["generate"] += mine[1]
+        rates = [mine[0]]
+        for m in SOLO_MODES:
+            server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
+            rate, n = solo_request(port, p, tokens, m)
+            if m == "openai_streamed":
+                cpu["server"] += cpu_seconds(pid) - server_cpu
+                cpu["client"] += time.process_time() - client_cpu
+                counted["streamed"] += n
+            before, mine = time.process_time(), generate_one(pair, tokenizer, p, tokens, setting, filters)
+            cpu["generate"] += time.process_time() - before
+            counted["generate"] += mine[1]
+            out[m].append(rate / ((rates[-1] + mine[0]) / 2))
+            rates.append(mine[0])
+        gen += rates
+    out.update(server_ms=cpu["server"] / counted["streamed"] * 1e3, client_ms=cpu["client"] / counted["streamed"] * 1e3,
+               generate_ms=cpu["generate"] / counted["generate"] * 1e3)
+    return gen, out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -272,42 +312,32 @@ def main():
         try:
             value = setting if setting == "adaptive" else int(setting)
             asyncio.run(run_pass(port, prompts[:2], opts.tokens, 2))  # warm-up
-            generate_rate(pair, tokenizer, solo[:1], opts.tokens, value, filters)  # warm-up
+            generate_one(pair, tokenizer, solo[0], opts.tokens, value, filters)  # warm-up
             runs = {c: [] for c in opts.concurrency}
-            gen, ratio, whole, cpu, bare, bare_whole = [], [], [], [], [], []
+            gen, ratios, cpu = [], {m: [] for m in SOLO_MODES}, []
             for rep in range(opts.repeats):
                 for c in opts.concurrency:
-                    server_cpu, client_cpu = cpu_seconds(proc.pid), time.process_time()
                     runs[c].append(asyncio.run(run_pass(port, solo if c == 1 else prompts, opts.tokens, c)))
-                    if c == 1:  # CPU spent per streamed token by the server process and by this client
-                        n = runs[c][-1]["tokens"]
-                        cpu.append({"server_ms": (cpu_seconds(proc.pid) - server_cpu) / n * 1e3,
-                                    "client_ms": (time.process_time() - client_cpu) / n * 1e3})
-                gen_cpu = time.process_time()
-                rate, n = generate_rate(pair, tokenizer, solo, opts.tokens, value, filters)
-                gen.append(rate)
-                if cpu:
-                    cpu[-1]["generate_ms"] = (time.process_time() - gen_cpu) / n * 1e3
                 if 1 in runs:
-                    ratio.append(runs[1][-1]["rate"] / gen[-1])
-                    whole.append(asyncio.run(run_pass(port, solo, opts.tokens, 1, stream=False))["rate"] / gen[-1])
-                    for out, stream in ((bare, True), (bare_whole, False)):
-                        out.append(statistics.mean(bare_request(port, p, opts.tokens, stream) for p in solo) / gen[-1])
+                    rates, spent = solo_ratios(port, proc.pid, pair, tokenizer, solo, opts.tokens, value, filters)
+                    gen += rates
+                    cpu.append(spent)
+                    for m in SOLO_MODES:
+                        ratios[m] += spent.pop(m)
                 print(f"{setting} repeat {rep + 1}: " + ", ".join(
                     f"c={c} {runs[c][-1]['aggregate_tok_s']:.1f} tok/s" for c in opts.concurrency) +
-                    f"; generate {gen[-1]:.1f} tok/s" + (f"; c=1 not streamed / generate {whole[-1]:.3f}"
-                                                         if whole else ""), flush=True)
+                    (f"; generate {statistics.median(rates):.1f} tok/s; c=1 over generate: " + ", ".join(
+                        f"{m} {statistics.median(ratios[m][-len(solo):]):.3f}" for m in SOLO_MODES)
+                     if 1 in runs else ""), flush=True)
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        out = {"generate_tok_s": statistics.median(gen),
-               "server_over_generate_c1": statistics.median(ratio) if ratio else None,
-               "server_not_streamed_over_generate_c1": statistics.median(whole) if whole else None,
-               "bare_client_over_generate_c1": statistics.median(bare) if bare else None,
-               "bare_client_not_streamed_over_generate_c1": statistics.median(bare_whole) if bare_whole else None,
+        out = {"generate_tok_s": statistics.median(gen) if gen else None,
+               "c1_over_generate": {m: statistics.median(r) for m, r in ratios.items()} if gen else None,
+               "c1_over_generate_pairs": ratios if gen else None,
                "cpu_ms_per_token_c1": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} if cpu else None,
                "concurrency": {}}
         for c in opts.concurrency:
@@ -339,14 +369,14 @@ def main():
                          f"{r['ttft_p99_s'] * 1e3:.0f} | {r['chunk_gap_p50_s'] * 1e3:.1f}/{r['chunk_gap_p99_s'] * 1e3:.1f}"
                          f" | {r['tokens_per_chunk']:.2f} | {r['request_tok_s']:.1f}")
     for s, o in report["settings"].items():
-        if o["server_over_generate_c1"] is not None:
-            c = o["cpu_ms_per_token_c1"]
-            lines.append(f"{s}, concurrency 1, over stream_generate (tokens over the whole request, paired median): "
-                         f"streamed {o['server_over_generate_c1']:.3f}, not streamed "
-                         f"{o['server_not_streamed_over_generate_c1']:.3f}; with http.client instead of openai: "
-                         f"streamed {o['bare_client_over_generate_c1']:.3f}, not streamed "
-                         f"{o['bare_client_not_streamed_over_generate_c1']:.3f}; CPU ms per streamed token: server "
-                         f"{c['server_ms']:.2f}, client {c['client_ms']:.2f}, stream_generate {c['generate_ms']:.2f}")
+        if o["c1_over_generate"] is not None:
+            r, c = o["c1_over_generate"], o["cpu_ms_per_token_c1"]
+            lines.append(f"{s}, concurrency 1, over stream_generate (tokens over the whole request; each request between "
+                         f"two stream_generate runs of its prompt; median of {len(o['c1_over_generate_pairs']['openai_streamed'])}): "
+                         f"openai client streamed {r['openai_streamed']:.3f}, not streamed {r['openai_not_streamed']:.3f}; "
+                         f"http.client streamed {r['http_client_streamed']:.3f}, not streamed "
+                         f"{r['http_client_not_streamed']:.3f}; CPU ms per streamed token: server {c['server_ms']:.2f}, "
+                         f"client {c['client_ms']:.2f}, stream_generate {c['generate_ms']:.2f}")
     text = "\n".join(lines)
     print(text)
     if opts.out:

@@ -195,4 +195,4 @@ class Server:
         processors = {"logit_bias": bias, "presence_penalty": body.presence_penalty,
                       "frequency_penalty": body.frequency_penalty}
         return Job(ids, request, stops, top_logprobs, processors, loop, asyncio.Queue(),
-                   settings={"max_tokens": max_tokens, **kwargs})
+                   settings={"max_tokens": max_tokens, **kwargs}, whole=not body.stream)

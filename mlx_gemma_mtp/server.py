@@ -97,6 +97,17 @@ class Job:
     done: bool = False
     checked: float = field(default_factory=time.monotonic)  # when the client was last seen connected
     settings: dict = field(default_factory=dict)  # make_request's arguments, which other ranks rebuild it from
+    # a reply sent whole (not streamed): its text is kept here, not sent round by round, so the
+    # event loop is woken only when the reply is complete
+    whole: bool = False
+    held: list = field(default_factory=list)  # (text, logprob entries) per round
+
+    def add(self, text: str, entries: list) -> None:
+        """A round's new text: sent at once when streamed, kept when the reply goes whole."""
+        if self.whole:
+            self.held.append((text, entries))
+        else:
+            self.send(("delta", text, entries))
 
     def send(self, item: tuple) -> None:
         try:
@@ -309,7 +320,7 @@ class Worker(threading.Thread):
                         more, more_entries, stopped = job.text.finish()
                         text, entries = text + more, entries + more_entries
                 if text or entries:
-                    job.send(("delta", text, entries))
+                    job.add(text, entries)
                 if stopped:
                     self._remove(event.uid)  # a no-op if the engine finished it too
                     self._finish(job, "stop")
@@ -478,18 +489,13 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
         return item[1]
 
     async def collect(job: Job, http: HTTPRequest):
-        text, entries = [], []
-        while True:
-            item = await next_item(job, worker, http)
-            if item is None:
-                return None
-            if item[0] == "delta":
-                text.append(item[1])
-                entries += item[2]
-            elif item[0] == "error":
-                raise item[1]
-            else:
-                return "".join(text), entries, item[1], item[2]
+        item = await next_item(job, worker, http)
+        if item is None:
+            return None
+        if item[0] == "error":
+            raise item[1]
+        # "end": the engine thread kept the text (Job.add) and is done with the job
+        return "".join(t for t, _ in job.held), [e for _, es in job.held for e in es], item[1], item[2]
 
     async def begin(job: Job, http: HTTPRequest, stream: bool):
         """Queue the job; for a whole (not streamed) reply, wait for all of it. None: the client

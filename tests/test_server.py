@@ -394,6 +394,29 @@ def test_full_queue_answers_429():
     assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
 
 
+def test_a_whole_reply_wakes_the_event_loop_once():
+    """A reply that is not streamed is kept in the engine thread round by round; only its end
+    reaches the event loop. A streamed one sends every round."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        for whole in (True, False):
+            job = Job([1], None, [], None, {}, loop, asyncio.Queue(), whole=whole)
+            job.add("def", [("def", -0.1, [])])
+            job.add(" main", [])
+            job.send(("end", "length", {}))
+            loop.run_until_complete(asyncio.sleep(0))  # run what the engine thread scheduled
+            items = [job.queue.get_nowait() for _ in range(job.queue.qsize())]
+            if whole:
+                assert items == [("end", "length", {})]
+                assert job.held == [("def", [("def", -0.1, [])]), (" main", [])]
+            else:
+                assert [i[0] for i in items] == ["delta", "delta", "end"] and job.held == []
+    finally:
+        loop.close()
+
+
 ENGINE_THREAD_EXIT = """
 from mlx_gemma_mtp import generate
 from mlx_gemma_mtp.demo import load_demo
