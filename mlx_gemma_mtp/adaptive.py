@@ -20,9 +20,9 @@ after it. The controller keeps
 
 It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
 E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is learnt about the
-drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1 for two rounds:
-position 1 gates every other); the back-off doubles after each probe that does not switch drafting
-back on, and resets when one does or a new row joins (`new_text`). While drafting, every `explore_every` rounds it measures a neighbour of the chosen
+drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: position 1 gates every
+other); the back-off doubles after each probe that does not switch drafting back on, and resets
+when one does. While drafting, every `explore_every` rounds it measures a neighbour of the chosen
 K instead (K = 1's lower neighbour is plain decoding), for `explore_rounds` rounds in a row
 (sooner while a neighbour has fewer than three measurements), so a better K next to the current
 one is found from its own rounds rather than from the line: in a row, because on a CPU the
@@ -190,19 +190,10 @@ class AdaptiveDraft:
             self._backoff = min(2 * self._backoff, self.max_backoff)
         self._off_rounds += 1
         if self._off_rounds > self._backoff:
-            # a probe: drafting stays on while it is not clearly worse than plain decoding. Two
-            # rounds in a row, as a neighbour's measurement, so a CPU's engine times it too.
+            # a probe: drafting stays on while it is not clearly worse than plain decoding
             self._off_rounds, self._probing, self._current = 0, True, 1
-            self._exploring = (1, self.explore_rounds - 1)
             return self._pick(1)
         return self._pick(0)
-
-    def new_text(self) -> None:
-        """A row joined: acceptance belongs to the text, and this one's is not known yet. While
-        drafting is off, the next round probes and the back-off starts over (otherwise a text
-        that switched drafting off could keep it off through the next requests, the back-off
-        grown to hundreds of rounds)."""
-        self._backoff, self._off_rounds, self._probing = self.first_backoff, self.first_backoff, False
 
     def _pick(self, k: int) -> int:
         self.history.append(k)

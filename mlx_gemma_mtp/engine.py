@@ -282,9 +282,6 @@ class Engine:
             [u for part in uids for u in part], concat_rows(caches), mx.concatenate(tokens),
             mx.concatenate(hiddens), mx.concatenate(seeds),
         )
-        new_text = getattr(self._policy(len(self.batch.uids)), "new_text", None)
-        if new_text is not None:  # a new text: a draft-length policy that was off looks again
-            new_text()
 
     def _leave(self, rows: list) -> None:
         """Rows that stopped or were removed: settle their prompt caches, drop their batch rows."""

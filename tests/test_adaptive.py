@@ -50,25 +50,12 @@ def test_reprobes_with_growing_backoff_and_switches_back_on():
     # acceptance 0 for 150 rounds, then the drafter becomes perfect
     chosen = simulate(c, lambda r: 0.0 if r < 150 else 1.0, 400)
     off = chosen[20:150]
-    probes = [i for i in range(20, 150) if chosen[i] > 0 and chosen[i - 1] == 0]  # where each begins
-    assert all(chosen[i + 1] == chosen[i] == 1 for i in probes), off  # two rounds of K = 1
+    probes = [i for i, k in enumerate(off) if k > 0]
     assert len(probes) >= 3, off  # it keeps trying while switched off ...
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0], gaps  # ... less and less often
     late = chosen[-20:]
-    # and drafts again once it pays (but for its neighbour measurements: two rounds in every 17)
-    assert late.count(8) >= 16 and min(late) >= 7, chosen[150:]
-
-
-def test_a_new_text_probes_at_once_and_restarts_the_backoff():
-    c = AdaptiveDraft(max_k=8, first_backoff=4)
-    chosen = simulate(c, lambda r: 0.0, 300)  # the back-off has grown long
-    assert chosen[-40:].count(0) >= 38, chosen[-40:]
-    c.new_text()
-    # acceptance now perfect: the probe comes at once and drafting switches back on within a few rounds
-    after = simulate(c, lambda r: 1.0, 30, seed=1)
-    assert after[0] == 1 and after[1] == 1, after
-    assert after[-10:].count(0) == 0 and max(after) >= 6, after
+    assert late.count(8) >= 18 and min(late) >= 7, chosen[150:]  # and drafts again once it pays
 
 
 def test_cost_line_fits_observed_rounds():
