@@ -571,6 +571,8 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
                 "host_build_share": sum(r.host_build for r in rs) / max(sum(r.decode_seconds for r in rs), 1e-9),
                 "device_idle_share": sum(r.device_idle for r in rs) / max(sum(r.decode_seconds for r in rs), 1e-9),
                 "matches_plain": all(t == x for r, want in zip(rs, expected) for t, x in zip(r.tokens, want)),
+                # how often each K ran (a row's rounds): where an adaptive setting spent its rounds
+                "rounds_per_k": {str(k): ks_used.count(k) for k in sorted(set(ks_used))},
             }
             if isinstance(name, int) or name in ("adaptive", "unpipelined"):
                 # ideal: the timed rounds at the parts' costs measured at this B (verify B x (K+1)
