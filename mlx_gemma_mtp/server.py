@@ -9,7 +9,8 @@ Threads:
   calls MLX. Requests reach it through a thread-safe inbox ("submit", "cancel"); between two rounds
   it admits waiting requests (at most `max_batch` rows decode at once), removes cancelled ones,
   runs one `Engine.step()` and turns each row's tokens into text (`serve_text.TextStream`). What a
-  request receives goes to its own asyncio queue through `loop.call_soon_threadsafe`. A finished
+  request receives goes to its own asyncio queue through `loop.call_soon_threadsafe`: each round's
+  text for a stream; for a reply sent whole, only its end (the text waits in the job). A finished
   row's KV cache goes back to the prompt cache pool (`prompt_pool`).
 - The event loop (uvicorn, FastAPI) parses and checks requests, renders chat templates, encodes
   prompts (`serve_requests`), and formats responses: OpenAI JSON or server-sent events, tool calls
