@@ -4,6 +4,7 @@ The round loop itself is in engine.py.
 """
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,8 +15,9 @@ from .cache import REUSE_ROLLBACK, set_offset
 from .drafter import Drafter
 from .target import TargetView, target_view
 
-# Distinct input shapes (batch size, tokens, full-cache capacity) each compiled step keeps traces
-# for; past this it starts afresh, so a long-lived process holds a bounded number of traces.
+# Distinct input shapes (batch size, tokens, full-cache capacity) a compiled step keeps traces for,
+# so a long-lived process holds a bounded number of traces: past this the draft step starts afresh,
+# and the decode forward drops its least recently used shape.
 MAX_TRACES = 32
 # A decode forward is compiled for a shape once it has met that shape this many times: a single
 # stream meets one shape round after round, while a server's batch passes through many shapes
@@ -39,8 +41,7 @@ class Pair:
         self.view: TargetView = target_view(self.target)
         self._compiled_step = None
         self._traced_shapes = set()
-        self._compiled_verify = None
-        self._verify_shapes = set()
+        self._verify_fns = OrderedDict()  # decode-forward shape -> its compiled forward, least recent first
         self._shape_counts: dict = {}  # decode-forward shape -> forwards run eagerly at it
         # forwards built cold: run eagerly while their shape warms up, or traced for a new shape.
         # A round with one costs more than the same round will from then on (the engine does not
@@ -83,7 +84,8 @@ class Pair:
         view = self.view
         states = [(c.keys, c.values) for c in cache]
         shape = (tokens.shape, tuple(a.shape for s in states for a in _leaves(s)))
-        if not self.compile_verify or (shape not in self._verify_shapes and self._meet(shape) < HOT_SHAPE):
+        fns = self._verify_fns
+        if not self.compile_verify or (shape not in fns and self._meet(shape) < HOT_SHAPE):
             self.cold_forwards += self.compile_verify
             hidden = view.hidden(tokens, cache)
             return hidden, view.logits(hidden)
@@ -97,15 +99,18 @@ class Pair:
             hidden = view.hidden(tokens, clones)
             return hidden, view.logits(hidden), [(c.keys, c.values) for c in clones]
 
-        if self._compiled_verify is None or (shape not in self._verify_shapes and len(self._verify_shapes) >= MAX_TRACES):
-            self._compiled_verify = mx.compile(forward, inputs=[view.text.state])
-            self._verify_shapes = set()
-        if shape not in self._verify_shapes:
-            self._verify_shapes.add(shape)
+        # One compiled function per shape, the least recently used dropped past MAX_TRACES (its
+        # trace goes with it): one shape too many costs one trace, not every shape's again.
+        if shape in fns:
+            fns.move_to_end(shape)
+        else:
+            fns[shape] = mx.compile(forward, inputs=[view.text.state])
             self.cold_forwards += 1
+            if len(fns) > MAX_TRACES:
+                fns.popitem(last=False)
         self._verify_cache = cache
         offset = cache[0].offset
-        hidden, logits, states = self._compiled_verify(tokens, offset, states)
+        hidden, logits, states = fns[shape](tokens, offset, states)
         self._verify_cache = None
         for c, (keys, values) in zip(cache, states):
             c.keys, c.values, c.offset = keys, values, offset + tokens.shape[1]

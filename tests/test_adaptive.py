@@ -1,5 +1,6 @@
 """The adaptive draft-length controller on simulated rounds (no model, no MLX)."""
 
+import math
 import random
 
 from mlx_gemma_mtp.adaptive import AdaptiveDraft
@@ -204,3 +205,42 @@ def test_a_plain_round_timed_high_once_does_not_keep_drafting_on():
     chosen = simulate(c, lambda r: 0.0, 120, cost=cost)
     assert chosen[-40:].count(0) >= 30, chosen
     assert abs(c.cost(0) - round_cost(0)) < 0.05 * round_cost(0)
+
+
+# Round costs (ms) at B = 4 on the demo pair, measured with synchronized parts
+# (benchmarks/results/batch_demo_b1_b4_fast_hour.json): verify of K + 1 tokens plus a K-step draft block.
+B4_ROUND_MS = [8.06, 11.46, 16.01, 19.64, 22.41, 26.04, 30.69, 33.87, 36.57]
+DEMO_ACCEPTANCE = [0.9, 0.93, 0.96, 0.91, 0.9, 0.93, 0.88, 0.84]  # conditional, per position
+
+
+def noisy_batch_rate(controller, rounds, noise, seed, rows=4):
+    """Tokens per ms of `rounds` rounds of `rows` rows; each round's time multiplied by a lognormal
+    draw (sigma `noise`). As the engine on a CPU, a round is timed only when the next one drafts
+    the same K (choose for round n + 1 comes before observe of round n: pipelined)."""
+    rng = random.Random(seed)
+    tokens = elapsed = 0.0
+    k_next = controller.choose(8)
+    for _ in range(rounds):
+        k, accepted = k_next, []
+        for _ in range(rows):
+            a = 0
+            while a < k and rng.random() < DEMO_ACCEPTANCE[a]:
+                a += 1
+            accepted.append(a)
+        t = B4_ROUND_MS[k] * rng.lognormvariate(0, noise)
+        tokens, elapsed = tokens + sum(a + 1 for a in accepted), elapsed + t
+        k_next = controller.choose(8)
+        controller.observe(k, accepted, t if k_next == k else None)
+    return tokens / elapsed
+
+
+def test_near_the_best_k_on_a_flat_batched_landscape_with_noisy_round_times():
+    """At B = 4 on the demo pair K = 3..6 are within 5% of each other; round times on a shared CPU
+    spread by ~20% (benchmarks/noise_floor.py). The policy must still come close to the best K."""
+    c = AdaptiveDraft(max_k=8)
+    expected = [c.expected_tokens(k, DEMO_ACCEPTANCE) * 4 / B4_ROUND_MS[k] for k in range(9)]
+    assert sorted(expected)[-4] > 0.94 * max(expected)  # the landscape is flat: four K within 6%
+    best = max(expected) / math.exp(0.2**2 / 2)  # the best fixed K's rate, at the noise's mean time
+    rates = [noisy_batch_rate(AdaptiveDraft(max_k=8), 600, 0.2, seed) for seed in range(3)]
+    # measured when written: 0.984, 0.979, 0.982 of the best for seeds 0-2 (0.955-0.984 over seeds 0-5)
+    assert sum(rates) / len(rates) > 0.96 * best and min(rates) > 0.94 * best, [r / best for r in rates]
