@@ -242,11 +242,14 @@ def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters) -
     gen, out = [], {m: [] for m in SOLO_MODES}
     cpu = {"server": 0.0, "client": 0.0, "generate": 0.0}
     counted = {"streamed": 0, "generate": 0}
-    for p in prompts:
-        before, mine = time.process_time(), generate_one(pair, tokenizer, p, tokens, setting, filters)
+    def generated(prompt) -> float:
+        before, (rate, n) = time.process_time(), generate_one(pair, tokenizer, prompt, tokens, setting, filters)
         cpu["generate"] += time.process_time() - before
-        counted["generate"] += mine[1]
-        rates = [mine[0]]
+        counted["generate"] += n
+        return rate
+
+    for p in prompts:
+        rates = [generated(p)]
         for m in SOLO_MODES:
             server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
             rate, n = solo_request(port, p, tokens, m)
@@ -254,11 +257,8 @@ def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters) -
                 cpu["server"] += cpu_seconds(pid) - server_cpu
                 cpu["client"] += time.process_time() - client_cpu
                 counted["streamed"] += n
-            before, mine = time.process_time(), generate_one(pair, tokenizer, p, tokens, setting, filters)
-            cpu["generate"] += time.process_time() - before
-            counted["generate"] += mine[1]
-            out[m].append(rate / ((rates[-1] + mine[0]) / 2))
-            rates.append(mine[0])
+            rates.append(generated(p))
+            out[m].append(rate / ((rates[-2] + rates[-1]) / 2))
         gen += rates
     out.update(server_ms=cpu["server"] / counted["streamed"] * 1e3, client_ms=cpu["client"] / counted["streamed"] * 1e3,
                generate_ms=cpu["generate"] / counted["generate"] * 1e3)
