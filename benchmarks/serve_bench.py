@@ -2,7 +2,7 @@
 MTP against plain decoding, and the server at concurrency 1 against `generate` in this process.
 
     python benchmarks/serve_bench.py --demo [--settings 0,adaptive] [--concurrency 1,4,8]
-        [--requests 16] [--tokens 96] [--repeats 3] [--out benchmarks/results/serve_demo]
+        [--requests 16] [--tokens 96] [--repeats 3] [--split-cores] [--out benchmarks/results/serve_demo]
     python benchmarks/serve_bench.py --shape e2b --layers 6 --inject 0.8,0.7,0.6,0.5 ...
 
 For each draft setting a server (this script in `--child` mode: the real app and engine thread on
@@ -14,6 +14,8 @@ runs of that prompt here while the server is idle, and divided by their mean rat
 the server's rows and `generate` get the same injected acceptance (bench.InjectedAcceptance). The
 CPU time the server process, this client and `stream_generate` spend per token is recorded: on a
 2-core machine that CPU is what the server loses against an in-process loop.
+With --split-cores (and OPENBLAS_NUM_THREADS=1) those concurrency-1 runs put decoding on CPU 0 and
+the HTTP side (the server's event loop, this process while it is the client) on CPU 1.
 Speeds on a Linux CPU are only meaningful as ratios (see measuring.md).
 """
 
@@ -232,17 +234,36 @@ def solo_request(port: int, prompt: list, tokens: int, mode: str) -> tuple:
     return bare_request(port, prompt, tokens, stream)
 
 
-def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters) -> tuple:
+def pin(pid: int, cores: set, main_thread_cores: "set | None" = None) -> None:
+    """Every thread of process PID onto CPUs `cores`; its main thread onto `main_thread_cores` if given."""
+    for task in (Path("/proc") / str(pid) / "task").iterdir():
+        tid = int(task.name)
+        try:
+            os.sched_setaffinity(tid, main_thread_cores if tid == pid and main_thread_cores else cores)
+        except ProcessLookupError:  # a thread that has just ended
+            pass
+
+
+def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters, split=False) -> tuple:
     """The server at concurrency 1 against stream_generate here, interleaved request by request:
     each server request runs between two stream_generate runs of its prompt and is divided by
     their mean rate, so the machine's drift (runs minutes apart differed by up to 40% here)
     cancels. -> (stream_generate's rates, {mode: [ratio per prompt], server_ms, client_ms,
     generate_ms: CPU per token of the server process and this client (openai streamed) and of
-    stream_generate})."""
+    stream_generate}).
+    With `split`, the decoding runs on CPU 0 and the HTTP side on CPU 1, as on a machine with a core
+    to spare: the server's threads but its event loop (the main thread) and this process while it
+    runs stream_generate on CPU 0; the event loop and this process while it is the client on CPU 1."""
     gen, out = [], {m: [] for m in SOLO_MODES}
     cpu = {"server": 0.0, "client": 0.0, "generate": 0.0}
     counted = {"streamed": 0, "generate": 0}
+    every = os.sched_getaffinity(0)
+    if split:
+        pin(pid, {0}, main_thread_cores={1})
+
     def generated(prompt) -> float:
+        if split:
+            pin(os.getpid(), {0})
         before, (rate, n) = time.process_time(), generate_one(pair, tokenizer, prompt, tokens, setting, filters)
         cpu["generate"] += time.process_time() - before
         counted["generate"] += n
@@ -251,6 +272,8 @@ def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters) -
     for p in prompts:
         rates = [generated(p)]
         for m in SOLO_MODES:
+            if split:
+                pin(os.getpid(), {1})
             server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
             rate, n = solo_request(port, p, tokens, m)
             if m == "openai_streamed":
@@ -260,6 +283,9 @@ def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters) -
             rates.append(generated(p))
             out[m].append(rate / ((rates[-2] + rates[-1]) / 2))
         gen += rates
+    if split:
+        pin(pid, every)
+        pin(os.getpid(), every)
     out.update(server_ms=cpu["server"] / counted["streamed"] * 1e3, client_ms=cpu["client"] / counted["streamed"] * 1e3,
                generate_ms=cpu["generate"] / counted["generate"] * 1e3)
     return gen, out
@@ -289,6 +315,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write OUT.txt and OUT.json")
+    ap.add_argument("--split-cores", action="store_true",
+                    help="concurrency 1 against generate with decoding on CPU 0 and the HTTP side (event loop, "
+                         "client) on CPU 1 (Linux; run with OPENBLAS_NUM_THREADS=1)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-setting", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -319,7 +348,8 @@ def main():
                 for c in opts.concurrency:
                     runs[c].append(asyncio.run(run_pass(port, solo if c == 1 else prompts, opts.tokens, c)))
                 if 1 in runs:
-                    rates, spent = solo_ratios(port, proc.pid, pair, tokenizer, solo, opts.tokens, value, filters)
+                    rates, spent = solo_ratios(port, proc.pid, pair, tokenizer, solo, opts.tokens, value, filters,
+                                                opts.split_cores)
                     gen += rates
                     cpu.append(spent)
                     for m in SOLO_MODES:
@@ -356,9 +386,12 @@ def main():
     # OPENBLAS_NUM_THREADS=1 leaves the second core of a 2-core machine to the client and the event
     # loop, as a Mac's GPU leaves its CPU cores: the server's own overhead, not the CPU it shares
     report["openblas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS", "all cores")
+    report["split_cores"] = opts.split_cores
     lines = [f"{report['model']}; injected acceptance {opts.inject}; {opts.requests} requests x {opts.tokens} "
              f"tokens (concurrency 1: {len(solo)}); greedy, streaming, no prompt cache; median of {opts.repeats} "
-             f"repeats; OpenBLAS threads: {report['openblas_threads']}",
+             f"repeats; OpenBLAS threads: {report['openblas_threads']}" +
+             ("; concurrency 1 against generate with decoding on CPU 0, event loop and client on CPU 1"
+              if opts.split_cores else ""),
              "setting | concurrency | aggregate tok/s | vs plain | TTFT p50/p99 ms | chunk gap p50/p99 ms | "
              "tokens/chunk | per-request tok/s"]
     plain = report["settings"].get("0")
