@@ -16,7 +16,6 @@ import json
 import statistics
 import time
 
-import mlx.core as mx
 import numpy as np
 
 from mlx_gemma_mtp.bench import InjectedAcceptance
