@@ -1,7 +1,6 @@
 """The converter against the transformers reference, on miniature checkpoints of all five variants."""
 
 import json
-import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -16,7 +15,6 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.checkpoint import MANIFEST
 from mlx_gemma_mtp.convert import QuantSpec, convert, quant_spec
 from mlx_gemma_mtp.drafter import load_drafter
-from mlx_gemma_mtp.errors import MTPError
 
 VARIANTS = ref.VARIANTS
 STYLES = ("google", "per_layer")

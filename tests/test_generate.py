@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-import mlx_gemma_mtp.api as api
 import mlx_gemma_mtp.decode as decode
 import mlx_gemma_mtp.engine as engine
 import reference_models as ref
