@@ -12,7 +12,6 @@ come from its rows' stats.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mlx_gemma_mtp.adaptive import AdaptiveDraft
+
+sys.path.insert(0, str(Path(__file__).parent))
+import serve_bench  # noqa: E402  (write_results)
 
 
 class RecordingDraft(AdaptiveDraft):
@@ -125,9 +127,7 @@ def main():
         lines.append(f"(chosen and observed rounds whose K differ, expected 0: {checks['k_mismatched']})")
     print("\n".join(lines))
     if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        opts.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        serve_bench.write_results(opts.out, lines, report)
 
 
 if __name__ == "__main__":

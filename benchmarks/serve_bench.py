@@ -410,13 +410,17 @@ def main():
                          f"http.client streamed {r['http_client_streamed']:.3f}, not streamed "
                          f"{r['http_client_not_streamed']:.3f}; CPU ms per streamed token: server {c['server_ms']:.2f}, "
                          f"client {c['client_ms']:.2f}, stream_generate {c['generate_ms']:.2f}")
-    text = "\n".join(lines)
-    print(text)
+    print("\n".join(lines))
     if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        # OUT may hold dots (an acceptance profile): append, never replace, a suffix
-        Path(f"{opts.out}.txt").write_text(text + "\n")
-        Path(f"{opts.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_results(opts.out, lines, report)
+
+
+def write_results(out: Path, lines: list, report: dict) -> None:
+    """OUT.txt (the printed lines) and OUT.json (the report)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # OUT may hold dots (an acceptance profile): append, never replace, a suffix
+    Path(f"{out}.txt").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

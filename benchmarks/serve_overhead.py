@@ -15,7 +15,6 @@ core to spare; without it every thread shares every core, so the client's CPU is
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -137,9 +136,7 @@ def main():
                      " | ".join(f"{r['over_generate'][m]:.3f}" for m in serve_bench.SOLO_MODES))
     print("\n".join(lines))
     if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        opts.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        serve_bench.write_results(opts.out, lines, report)
 
 
 if __name__ == "__main__":
