@@ -234,12 +234,14 @@ def solo_request(port: int, prompt: list, tokens: int, mode: str) -> tuple:
     return bare_request(port, prompt, tokens, stream)
 
 
-def pin(pid: int, cores: set, main_thread_cores: "set | None" = None) -> None:
-    """Every thread of process PID onto CPUs `cores`; its main thread onto `main_thread_cores` if given."""
+def pin(pid: int, cores: set, http_cores: "set | None" = None, http_threads: "set | None" = None) -> None:
+    """Every thread of process PID onto CPUs `cores`; with `http_cores`, the threads in
+    `http_threads` (by default the main thread: a server's event loop) onto those."""
+    http_threads = {pid} if http_threads is None else http_threads
     for task in (Path("/proc") / str(pid) / "task").iterdir():
         tid = int(task.name)
         try:
-            os.sched_setaffinity(tid, main_thread_cores if tid == pid and main_thread_cores else cores)
+            os.sched_setaffinity(tid, http_cores if http_cores and tid in http_threads else cores)
         except ProcessLookupError:  # a thread that has just ended
             pass
 
@@ -259,7 +261,7 @@ def solo_ratios(port, pid, pair, tokenizer, prompts, tokens, setting, filters, s
     counted = {"streamed": 0, "generate": 0}
     every = os.sched_getaffinity(0)
     if split:
-        pin(pid, {0}, main_thread_cores={1})
+        pin(pid, {0}, http_cores={1})
 
     def generated(prompt) -> float:
         if split:

@@ -26,16 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import serve_bench  # noqa: E402  (its request and timing helpers)
 
 
-def pin_threads(decode_cores: set, http_cores: set = frozenset(), http_threads: set = frozenset()) -> None:
-    """This process's threads onto `decode_cores`, those in `http_threads` onto `http_cores`."""
-    for task in Path("/proc/self/task").iterdir():
-        tid = int(task.name)
-        try:
-            os.sched_setaffinity(tid, http_cores if tid in http_threads else decode_cores)
-        except ProcessLookupError:  # a thread that has just ended
-            pass
-
-
 def start(pair, tokenizer, setting, tokens: int):
     """(uvicorn server, its thread, engine thread, port): the app as `gemma-mtp serve` runs it."""
     import uvicorn
@@ -68,11 +58,11 @@ def measure(pair, tokenizer, prompts, setting, opts) -> dict:
 
     def as_decoder():
         if opts.split_cores:
-            pin_threads({0})
+            serve_bench.pin(os.getpid(), {0})
 
     def as_client():
         if opts.split_cores:
-            pin_threads({0}, {1}, http_threads)
+            serve_bench.pin(os.getpid(), {0}, {1}, http_threads)
 
     try:
         for p in prompts[:2]:  # warm-up: both paths meet every shape
@@ -95,7 +85,7 @@ def measure(pair, tokenizer, prompts, setting, opts) -> dict:
             print(f"{setting} repeat {rep + 1}: " + ", ".join(
                 f"{m} {statistics.median(r[-len(prompts):]):.3f}" for m, r in ratios.items()), flush=True)
     finally:
-        pin_threads(every)
+        serve_bench.pin(os.getpid(), every)
         server.should_exit = True
         thread.join(timeout=10)
         worker.stop()
