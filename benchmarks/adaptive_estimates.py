@@ -8,7 +8,8 @@ accepted + 1, its timed seconds), per K and over all drafting rounds.
         [--repeats 3] [--out benchmarks/results/adaptive_estimates_demo]
 
 A setting's speed is tokens over the whole call (prefill included); a fixed K's tokens per round
-come from its rows' stats.
+come from its rows' stats. Each repeat starts the settings' order one later, so over a multiple of
+their count every setting runs in every place.
 """
 
 import argparse
@@ -19,6 +20,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mlx_gemma_mtp.adaptive import AdaptiveDraft
+from mlx_gemma_mtp.bench import rotated
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_bench  # noqa: E402  (write_results)
@@ -95,10 +97,10 @@ def main():
         pair.adaptive.clear()
         pair.adaptive[batch] = RecordingDraft(max_k=max(8, max(ks)))  # the engine's controller for B rows
         rates, per_round = defaultdict(list), defaultdict(list)
-        for _ in range(opts.repeats):
+        for rep in range(opts.repeats):
             for i in range(0, len(prompts), batch):
                 group = prompts[i : i + batch]
-                for s in settings:
+                for s in rotated(settings, rep):  # no place in the order favours a setting
                     start = time.perf_counter()
                     r = batch_generate(pair, tokenizer, group, max_tokens=opts.tokens, num_draft_tokens=s)
                     rates[s].append(sum(len(t) for t in r.tokens) / (time.perf_counter() - start))

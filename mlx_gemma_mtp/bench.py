@@ -280,6 +280,14 @@ def weight_bytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
+def rotated(jobs: list, rep: int) -> list:
+    """`jobs` starting one later each repeat: a place in a repeat's order (first after the step
+    timings, after another setting's shapes) made identical runs differ by up to 8% here, and over
+    a multiple of len(jobs) repeats every job holds every place once."""
+    shift = rep % len(jobs)
+    return jobs[shift:] + jobs[:shift]
+
+
 def paired_ratio(rates: list, base_rates: list) -> float:
     """Median over repeats of rate / base rate in the same repeat: the machine's drift between
     repeats cancels in each pair."""
@@ -385,12 +393,14 @@ def bench(pair: Pair, tokenizer, prompts: list, opts: BenchOptions, log=print) -
 
     runs = {k: [] for k in settings}
     runs["mlx_lm"] = []
+    jobs = [(k, lambda k=k: [run_ours(pair, p, opts.tokens, policy(k), f) for p, f in zip(prompts, filters)])
+            for k in settings]
+    if opts.mlx_lm:
+        jobs.append(("mlx_lm", lambda: [run_mlx_lm(pair, tokenizer, p, opts.tokens) for p in prompts]))
     for rep in range(opts.repeats):
         time_steps()
-        for k in settings:
-            runs[k].append([run_ours(pair, p, opts.tokens, policy(k), f) for p, f in zip(prompts, filters)])
-        if opts.mlx_lm:
-            runs["mlx_lm"].append([run_mlx_lm(pair, tokenizer, p, opts.tokens) for p in prompts])
+        for name, job in rotated(jobs, rep):
+            runs[name].append(job())
         log(f"repeat {rep + 1}/{opts.repeats}: plain {summarize(runs[0][-1:])['tokens_per_second']:.2f} tok/s")
 
     steps = median_steps(step_runs)
@@ -516,6 +526,13 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
         return run_batch(pair, rows, tokens, k, row_filters, pipelined,
                          controllers["pipelined" if pipelined else "unpipelined"], max_k)
 
+    def sequential(rows, row_filters, k):  # the rows one after another, as one run
+        singles = [run([p], k, [f]) for p, f in zip(rows, row_filters)]
+        return BatchRun([s.tokens[0] for s in singles], sum(s.decode_seconds for s in singles),
+                        sum(s.decoded for s in singles), sum(s.rounds for s in singles),
+                        sum(s.host_build for s in singles), sum(s.device_idle for s in singles),
+                        [s.stats[0] for s in singles], [k for s in singles for k in s.ks])
+
     context = prompts[0] + continuations[0][: opts.tokens // 2]
     report = {"acceptance_injected": opts.inject is not None, "injected_profile": opts.inject,
               "tokens": opts.tokens, "repeats": opts.repeats, "device": device_description(),
@@ -535,17 +552,13 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
             rows, row_filters = [prompts[i] for i in at], [filters[i] for i in at]
             expected.append([continuations[i][: opts.tokens] for i in at])
             steps.append(measure_steps(pair, context, list(range(1, max(opts.ks + [8]) + 1)), opts.step_repeats, batch))
-            for k in settings:
-                runs[k].append(run(rows, k, row_filters))
+            jobs = [(k, lambda k=k: run(rows, k, row_filters)) for k in settings]
             if opts.adaptive:
-                runs["unpipelined"].append(run(rows, "adaptive", row_filters, pipelined=False))
-            for name, k in (("sequential_plain", 0), ("sequential_adaptive", "adaptive")):
-                singles = [run([p], k, [f]) for p, f in zip(rows, row_filters)]
-                runs[name].append(BatchRun(
-                    [s.tokens[0] for s in singles], sum(s.decode_seconds for s in singles),
-                    sum(s.decoded for s in singles), sum(s.rounds for s in singles),
-                    sum(s.host_build for s in singles), sum(s.device_idle for s in singles),
-                    [s.stats[0] for s in singles], [k for s in singles for k in s.ks]))
+                jobs.append(("unpipelined", lambda: run(rows, "adaptive", row_filters, pipelined=False)))
+            jobs += [("sequential_plain", lambda: sequential(rows, row_filters, 0)),
+                     ("sequential_adaptive", lambda: sequential(rows, row_filters, "adaptive"))]
+            for name, job in rotated(jobs, rep):
+                runs[name].append(job())
         step = median_steps(steps)
         entry = {"batch": batch, "step_seconds": {
             "plain": step.plain, "verify_k_plus_1": {str(k): v for k, v in step.verify.items()},

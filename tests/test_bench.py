@@ -249,6 +249,15 @@ def test_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatch):
     assert result.stdout == "" and not out.exists()
 
 
+def test_rotated_puts_every_job_in_every_place():
+    jobs = ["plain", "K=1", "adaptive"]
+    orders = [b.rotated(jobs, rep) for rep in range(6)]
+    assert orders[1] == ["K=1", "adaptive", "plain"]
+    for place in range(len(jobs)):  # over len(jobs) repeats each job runs once in each place
+        assert sorted(order[place] for order in orders[:3]) == sorted(jobs)
+    assert orders[3:] == orders[:3] and jobs == ["plain", "K=1", "adaptive"]
+
+
 def test_batch_report_rotates_prompts_and_has_both_ideals(tiny_pair):
     pair, _ = tiny_pair
     prompts = [prompt(10 + i, seed=i) for i in range(3)]
