@@ -9,8 +9,10 @@ run of a prompt with that pair running is divided by the mean of the runs alone 
 after it; between "with" runs both processes are stopped (SIGSTOP), so no start-up work falls into
 a run. A real server does all the null server's work and decodes too, so where the client alone
 costs decoding more than 5%, no server reaches 0.95 of `stream_generate` through that client here.
+With --split-cores (Linux, with OPENBLAS_NUM_THREADS=1) decoding runs on CPU 0 and the null server
+and the client on CPU 1, as on a machine with a core to spare.
 
-    python benchmarks/client_interference.py [--prompts 2] [--tokens 256] [--repeats 5]
+    python benchmarks/client_interference.py [--prompts 2] [--tokens 256] [--repeats 5] [--split-cores]
         [--modes openai_streamed,http_client_streamed] [--out benchmarks/results/client_interference_demo]
 """
 
@@ -99,6 +101,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", default="openai_streamed,http_client_streamed")
+    ap.add_argument("--split-cores", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--null-server", nargs=3, metavar=("PORT", "TOKENS", "GAP"), help=argparse.SUPPRESS)
     ap.add_argument("--client", nargs=3, metavar=("PORT", "TOKENS", "MODE"), help=argparse.SUPPRESS)
@@ -110,15 +113,18 @@ def main():
     from mlx_gemma_mtp.blas import preload_openblas
 
     preload_openblas(sys.argv[0])  # as serve_bench runs stream_generate
+    if opts.split_cores:
+        serve_bench.pin(os.getpid(), {0})  # MLX's threads and OpenBLAS's, started below, inherit it
     pair, tokenizer, prompts, _ = serve_bench.build(argparse.Namespace(demo=True, requests=opts.prompts,
                                                                         inject=None, tokens=opts.tokens))
     gen = lambda p: serve_bench.generate_one(pair, tokenizer, p, opts.tokens, 0, {})[0]  # noqa: E731
     alone = statistics.median(gen(p) for p in prompts for _ in range(2))  # warm-up, and the pace
     gap = 1 / alone
-    report = {"model": "demo pair, held-out prompts", "setting": "plain decoding (0)", "tokens": opts.tokens,
+    cores = "decoding on CPU 0, null server and client on CPU 1" if opts.split_cores else "every process on every core"
+    report = {"model": "demo pair, held-out prompts", "setting": "plain decoding (0)", "cores": cores, "tokens": opts.tokens,
               "prompts": opts.prompts, "repeats": opts.repeats, "chunk_gap_ms": gap * 1e3, "modes": {}}
     lines = [f"demo pair, plain decoding; {opts.prompts} prompts x {opts.tokens} tokens x {opts.repeats} repeats; "
-             f"null server paced at the decode's rate ({alone:.1f} tok/s: a chunk every {gap * 1e3:.2f} ms)",
+             f"null server paced at the decode's rate ({alone:.1f} tok/s: a chunk every {gap * 1e3:.2f} ms); {cores}",
              "client | stream_generate with / alone (median of pairs) | min | max | client CPU ms per chunk | "
              "null server CPU ms per chunk"]
     for mode in opts.modes.split(","):
@@ -126,6 +132,9 @@ def main():
         procs = [spawn("--null-server", str(port), str(opts.tokens), str(gap))]
         time.sleep(1.0)
         procs.append(spawn("--client", str(port), str(opts.tokens), mode))
+        if opts.split_cores:
+            for q in procs:
+                os.sched_setaffinity(q.pid, {1})  # before either starts a thread
         try:
             procs[1].stdout.readline()  # imported and about to stream
             time.sleep(3.0)  # its first request under way
