@@ -2,7 +2,8 @@
 lengths and adaptive run the same prompts in turn (B at a time); each setting's speed is paired
 against the best fixed K. For every adaptive round, what the policy predicted when it chose K (the
 expected tokens per row, the round's cost) is set beside what the round then gave (its rows' mean
-accepted + 1, its timed seconds), per K and over all drafting rounds.
+accepted + 1, its timed seconds), per K and over all drafting rounds, for every controller the calls
+use (B rows', and the fewer rows' once rows finish: each B has its own).
 
     python benchmarks/adaptive_estimates.py [--batch 1,4] [--ks 2,3,4,6,8] [--tokens 256]
         [--repeats 3] [--out benchmarks/results/adaptive_estimates_demo]
@@ -19,11 +20,15 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from mlx_gemma_mtp import adaptive
 from mlx_gemma_mtp.adaptive import AdaptiveDraft
 from mlx_gemma_mtp.bench import rotated
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_bench  # noqa: E402  (write_results)
+
+
+plain_policy = AdaptiveDraft
 
 
 class RecordingDraft(AdaptiveDraft):
@@ -95,7 +100,7 @@ def main():
         for s in settings:  # warm-up: every shape met before the timed runs
             batch_generate(pair, tokenizer, prompts[:batch], max_tokens=32, num_draft_tokens=s)
         pair.adaptive.clear()
-        pair.adaptive[batch] = RecordingDraft(max_k=max(8, max(ks)))  # the engine's controller for B rows
+        adaptive.AdaptiveDraft = RecordingDraft  # every controller the engine makes records (B rows and the tail's fewer)
         rates, per_round = defaultdict(list), defaultdict(list)
         for rep in range(opts.repeats):
             for i in range(0, len(prompts), batch):
@@ -105,28 +110,33 @@ def main():
                     r = batch_generate(pair, tokenizer, group, max_tokens=opts.tokens, num_draft_tokens=s)
                     rates[s].append(sum(len(t) for t in r.tokens) / (time.perf_counter() - start))
                     per_round[s] += [st.tokens_per_round for st in r.stats]
-                    pair.adaptive[batch].end_call()
+                    for policy in pair.adaptive.values():
+                        policy.end_call()
         best = max(ks, key=lambda k: statistics.median(rates[k]))
         rows = {str(s): {"tokens_per_second": statistics.median(rates[s]),
                          "over_best_fixed": statistics.median(a / b for a, b in zip(rates[s], rates[best])),
                          "tokens_per_round_per_row": statistics.mean(per_round[s])} for s in settings}
-        policy = pair.adaptive[batch]
-        checks = policy.checks()
-        rounds = Counter(k for k, _, _ in policy.chosen)
-        report["batches"].append({"batch": batch, "best_fixed_k": best, "settings": rows,
-                                  "adaptive_rounds_per_k": dict(sorted(rounds.items())), "predictions": checks})
+        adaptive.AdaptiveDraft = plain_policy
+        entry = {"batch": batch, "best_fixed_k": best, "settings": rows, "controllers": {}}
         lines.append(f"B = {batch}: best fixed K = {best}")
         lines.append("setting | tok/s | over best fixed K | tokens per round per row")
         lines += [f"{s} | {e['tokens_per_second']:.1f} | {e['over_best_fixed']:.3f} | {e['tokens_per_round_per_row']:.2f}"
                   for s, e in rows.items()]
-        lines.append("adaptive rounds by K | rounds | tokens per row: predicted / realized | timed rounds | "
-                     "round ms: predicted / measured")
-        if rounds.get(0):
-            lines.append(f"0 | {rounds[0]} | - | - | -")
-        lines += [f"{k} | {c['rounds']} | {c['predicted_tokens']:.2f} / {c['realized_tokens']:.2f} | {c['timed_rounds']} | "
-                  + (f"{c['predicted_ms']:.1f} / {c['measured_ms']:.1f}" if c["timed_rounds"] else "-")
-                  for k, c in checks.items() if k != "k_mismatched"]
-        lines.append(f"(chosen and observed rounds whose K differ, expected 0: {checks['k_mismatched']})")
+        for rows_now, policy in sorted(pair.adaptive.items(), reverse=True):
+            checks = policy.checks()
+            rounds = Counter(k for k, _, _ in policy.chosen)
+            seconds = sum(t for _, _, t in policy.seen if t)
+            entry["controllers"][rows_now] = {"rounds_per_k": dict(sorted(rounds.items())), "predictions": checks,
+                                              "timed_seconds": seconds}
+            lines.append(f"adaptive rounds of {rows_now} rows ({len(policy.chosen)} rounds, {seconds:.1f} s timed) by K | "
+                         "rounds | tokens per row: predicted / realized | timed rounds | round ms: predicted / measured")
+            if rounds.get(0):
+                lines.append(f"0 | {rounds[0]} | - | - | -")
+            lines += [f"{k} | {c['rounds']} | {c['predicted_tokens']:.2f} / {c['realized_tokens']:.2f} | {c['timed_rounds']} | "
+                      + (f"{c['predicted_ms']:.1f} / {c['measured_ms']:.1f}" if c["timed_rounds"] else "-")
+                      for k, c in checks.items() if k != "k_mismatched"]
+            lines.append(f"(chosen and observed rounds whose K differ, expected 0: {checks['k_mismatched']})")
+        report["batches"].append(entry)
     print("\n".join(lines))
     if opts.out:
         serve_bench.write_results(opts.out, lines, report)
