@@ -114,17 +114,6 @@ class Timer:
             self.rounds.append((len(accepted), seconds))
 
 
-class Fixed:
-    def __init__(self, k):
-        self.k = k
-
-    def choose(self, max_k):
-        return min(self.k, max_k)
-
-    def observe(self, k, accepted, seconds):
-        pass
-
-
 def replay_call(traces, rows, tokens, policy_for, cost, controllers) -> tuple:
     """One batch_generate call of `rows` (prompt indices): (tokens, seconds, ks)."""
     depth = traces["depth"]
@@ -186,7 +175,7 @@ def replay(traces, batch, setting, repeats, seed, tokens, drift=0.0) -> dict:
     if setting == "adaptive":
         policy_for = lambda c, b: controller_for(c, b, MAX_K)  # noqa: E731
     else:
-        fixed = Fixed(setting)
+        fixed = Timer(setting)
         policy_for = lambda c, b: fixed  # noqa: E731
     groups = [list(range(i, min(i + batch, traces["prompts"]))) for i in range(0, traces["prompts"], batch)]
     got, seconds, ks = 0, 0.0, []
