@@ -8,8 +8,10 @@ use (B rows', and the fewer rows' once rows finish: each B has its own).
     python benchmarks/adaptive_estimates.py [--batch 1,4] [--ks 2,3,4,6,8] [--tokens 256]
         [--repeats 3] [--out benchmarks/results/adaptive_estimates_demo]
 
-A setting's speed is tokens over the whole call (prefill included); a fixed K's tokens per round
-come from its rows' stats. Each repeat starts the settings' order one later, so over a multiple of
+A setting's speed is tokens over the whole call (prefill included); it is set against the best
+fixed K's as the median of the call pairs' ratios (with their quartiles: calls a few seconds apart
+differ by 5-10% on a shared CPU) and as all its calls' tokens over their seconds. A fixed K's tokens
+per round come from its rows' stats. Each repeat starts the settings' order one later, so over a multiple of
 their count every setting runs in every place.
 """
 
@@ -102,26 +104,39 @@ def main():
         pair.adaptive.clear()
         adaptive.AdaptiveDraft = RecordingDraft  # every controller the engine makes records (B rows and the tail's fewer)
         rates, per_round = defaultdict(list), defaultdict(list)
+        totals = defaultdict(lambda: [0, 0.0])  # setting -> [tokens, seconds] over all its calls
         for rep in range(opts.repeats):
             for i in range(0, len(prompts), batch):
                 group = prompts[i : i + batch]
                 for s in rotated(settings, rep):  # no place in the order favours a setting
                     start = time.perf_counter()
                     r = batch_generate(pair, tokenizer, group, max_tokens=opts.tokens, num_draft_tokens=s)
-                    rates[s].append(sum(len(t) for t in r.tokens) / (time.perf_counter() - start))
+                    seconds, tokens = time.perf_counter() - start, sum(len(t) for t in r.tokens)
+                    rates[s].append(tokens / seconds)
+                    totals[s][0] += tokens
+                    totals[s][1] += seconds
                     per_round[s] += [st.tokens_per_round for st in r.stats]
                     for policy in pair.adaptive.values():
                         policy.end_call()
         best = max(ks, key=lambda k: statistics.median(rates[k]))
-        rows = {str(s): {"tokens_per_second": statistics.median(rates[s]),
-                         "over_best_fixed": statistics.median(a / b for a, b in zip(rates[s], rates[best])),
-                         "tokens_per_round_per_row": statistics.mean(per_round[s])} for s in settings}
+        aggregate = {s: tokens / seconds for s, (tokens, seconds) in totals.items()}
+        rows = {}
+        for s in settings:
+            paired = sorted(a / b for a, b in zip(rates[s], rates[best]))
+            rows[str(s)] = {"tokens_per_second": statistics.median(rates[s]),
+                            "over_best_fixed": statistics.median(paired),
+                            "over_best_fixed_quartiles": statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3,
+                            "aggregate_over_best_fixed": aggregate[s] / aggregate[best],
+                            "tokens_per_round_per_row": statistics.mean(per_round[s]),
+                            "call_tokens_per_second": rates[s]}
         adaptive.AdaptiveDraft = plain_policy
         entry = {"batch": batch, "best_fixed_k": best, "settings": rows, "controllers": {}}
         lines.append(f"B = {batch}: best fixed K = {best}")
-        lines.append("setting | tok/s | over best fixed K | tokens per round per row")
-        lines += [f"{s} | {e['tokens_per_second']:.1f} | {e['over_best_fixed']:.3f} | {e['tokens_per_round_per_row']:.2f}"
-                  for s, e in rows.items()]
+        lines.append("setting | tok/s | over best fixed K: paired median (quartiles) | all calls' tokens over their "
+                     "seconds, over best's | tokens per round per row")
+        lines += [f"{s} | {e['tokens_per_second']:.1f} | {e['over_best_fixed']:.3f} ("
+                  + " ".join(f"{q:.3f}" for q in e["over_best_fixed_quartiles"][::2])
+                  + f") | {e['aggregate_over_best_fixed']:.3f} | {e['tokens_per_round_per_row']:.2f}" for s, e in rows.items()]
         for rows_now, policy in sorted(pair.adaptive.items(), reverse=True):
             checks = policy.checks()
             rounds = Counter(k for k, _, _ in policy.chosen)
