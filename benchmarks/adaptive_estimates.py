@@ -42,8 +42,9 @@ class RecordingDraft(AdaptiveDraft):
         self.chosen, self.seen = [], []
 
     def choose(self, max_k: int) -> int:
+        untimed = self._sw == 0 and self._plain_w == 0  # nothing timed yet: its costs are placeholders (1 s)
         k = super().choose(max_k)
-        self.chosen.append((k, self.expected_tokens(k), self.cost(k)))
+        self.chosen.append((k, self.expected_tokens(k), None if untimed else self.cost(k)))
         return k
 
     def observe(self, k: int, accepted, seconds: float) -> None:
@@ -57,12 +58,12 @@ class RecordingDraft(AdaptiveDraft):
 
     def checks(self) -> dict:
         """Per K (and "all" drafting rounds): rounds, predicted / realized tokens, and predicted /
-        measured seconds over the timed ones."""
+        measured seconds over the timed ones chosen once the controller had timed a round."""
         pairs = [(c, s) for c, s in zip(self.chosen, self.seen) if c[0] == s[0] and s[1] is not None]
         out = {}
         for key in sorted({c[0] for c, _ in pairs if c[0] > 0}) + ["all"]:
             group = [(c, s) for c, s in pairs if (c[0] == key if key != "all" else c[0] > 0)]
-            timed = [(c[2], s[2]) for c, s in group if s[2]]
+            timed = [(c[2], s[2]) for c, s in group if s[2] and c[2] is not None]
             out[str(key)] = {
                 "rounds": len(group),
                 "predicted_tokens": statistics.mean(c[1] for c, _ in group),
