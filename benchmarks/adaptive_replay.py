@@ -20,10 +20,13 @@ each round's seconds are drawn from its (B, K)'s measured times (or, with a drif
 times a wandering machine speed), and the policy sees a round's time one round late and only
 when the next round has the same K and B (engine.py's rule on a CPU). Fixed K meets the same
 draws. Not modelled: the cold forwards a K brings when its shapes are new (decode.py).
+`--known-costs` also replays the policy told each (B, K)'s median round time (its cost
+estimates replaced, the rest as it is), with its exploring and without: how much of its loss is
+in estimating costs from noisy rounds rather than in learning acceptance.
 
     python benchmarks/adaptive_replay.py record [--prompts 8] [--tokens 256] [--out traces.json]
     python benchmarks/adaptive_replay.py replay traces.json [--batch 1,4] [--repeats 20] [--seeds 8]
-        [--drift 0,0.15] [--out OUT]
+        [--drift 0,0.15] [--jitter 0.08] [--known-costs] [--out OUT]
 """
 
 import argparse
@@ -35,7 +38,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mlx_gemma_mtp.adaptive import controller_for
+from mlx_gemma_mtp.adaptive import AdaptiveDraft, controller_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_bench  # noqa: E402  (write_results)
@@ -167,13 +170,32 @@ class RoundCosts:
         return self.median[key] * math.exp(self.speed + self.rng.gauss(0, self.jitter))
 
 
-def replay(traces, batch, setting, repeats, seed, tokens, drift=0.0) -> dict:
+class KnownCosts(AdaptiveDraft):
+    """The policy told every (B, K)'s median round time instead of estimating it from its rounds:
+    what its choices are worth when only acceptance has to be learnt."""
+
+    def __init__(self, medians: dict, batch: int, explore: bool):
+        super().__init__(max_k=MAX_K)
+        self.medians, self.batch = medians, batch
+        if not explore:
+            self.explore_every = self.first_explore_every = 10**9
+
+    def cost(self, k: int) -> float:
+        return self.medians[f"{self.batch},{k}"]
+
+
+def replay(traces, batch, setting, repeats, seed, tokens, drift=0.0, jitter=0.08) -> dict:
     """The bench's workload for one setting: prompts B at a time, `repeats` times over, with the
     controllers per B kept across calls (engine.py keeps them on the pair)."""
-    cost = RoundCosts(traces["round_seconds"], seed, drift)
+    cost = RoundCosts(traces["round_seconds"], seed, drift, jitter=jitter)
     controllers = {}
     if setting == "adaptive":
         policy_for = lambda c, b: controller_for(c, b, MAX_K)  # noqa: E731
+    elif setting in ("known costs", "known costs, no exploring"):
+        def policy_for(c, b):
+            if b not in c:
+                c[b] = KnownCosts(cost.median, b, explore=setting == "known costs")
+            return c[b]
     else:
         fixed = Timer(setting)
         policy_for = lambda c, b: fixed  # noqa: E731
@@ -187,16 +209,17 @@ def replay(traces, batch, setting, repeats, seed, tokens, drift=0.0) -> dict:
             "rounds_per_k": {k: ks.count(k) for k in sorted(set(ks))}}
 
 
-def compare(traces, batch, repeats, seeds, drift) -> dict:
-    """Every fixed K and adaptive, each seed's draws met by all; adaptive over the best fixed K."""
-    settings = list(range(MAX_K + 1)) + ["adaptive"]
-    runs = [{s: replay(traces, batch, s, repeats, seed, traces["tokens"], drift) for s in settings} for seed in range(seeds)]
+def compare(traces, batch, repeats, seeds, drift, policies=("adaptive",), jitter=0.08) -> dict:
+    """Every fixed K and the policies, each seed's draws met by all; each policy over the best fixed K."""
+    settings = list(range(MAX_K + 1)) + list(policies)
+    runs = [{s: replay(traces, batch, s, repeats, seed, traces["tokens"], drift, jitter) for s in settings} for seed in range(seeds)]
     best = [max(range(MAX_K + 1), key=lambda k: r[k]["tokens_per_second"]) for r in runs]
-    over = [r["adaptive"]["tokens_per_second"] / r[b]["tokens_per_second"] for r, b in zip(runs, best)]
+    over = {p: [r[p]["tokens_per_second"] / r[b]["tokens_per_second"] for r, b in zip(runs, best)] for p in policies}
     return {"batch": batch, "drift": drift, "best_fixed_k": Counter(best).most_common(1)[0][0],
             "tokens_per_second": {str(s): statistics.mean(r[s]["tokens_per_second"] for r in runs) for s in settings},
-            "adaptive_over_best": statistics.mean(over), "adaptive_over_best_min": min(over),
-            "adaptive_rounds_per_k": runs[0]["adaptive"]["rounds_per_k"]}
+            "adaptive_over_best": statistics.mean(over["adaptive"]), "adaptive_over_best_min": min(over["adaptive"]),
+            "over_best": {p: {"mean": statistics.mean(v), "min": min(v)} for p, v in over.items()},
+            "rounds_per_k": {p: runs[0][p]["rounds_per_k"] for p in policies}}
 
 
 def main():
@@ -216,6 +239,10 @@ def main():
     rep.add_argument("--repeats", type=int, default=20)
     rep.add_argument("--seeds", type=int, default=8)
     rep.add_argument("--drift", default="0,0.15", help="sds of the machine's log speed to replay (0: draw measured times)")
+    rep.add_argument("--jitter", type=float, default=0.08,
+                     help="sd of each round's own log time about the wandering speed (with a drift above 0)")
+    rep.add_argument("--known-costs", action="store_true",
+                     help="also replay the policy told each (B, K)'s median round time, with and without its exploring")
     rep.add_argument("--out", type=Path, help="write OUT.txt and OUT.json")
     opts = ap.parse_args()
     if opts.command == "record":
@@ -225,16 +252,18 @@ def main():
         return
     traces = json.loads(opts.traces.read_text())
     lines = [f"replayed: {opts.traces.name}; {traces['prompts']} prompts x {traces['tokens']} tokens, B at a time, "
+             + (f"jitter {opts.jitter}, " if opts.jitter != 0.08 else "") +
              f"{opts.repeats} repeats, {opts.seeds} seeds; adaptive over the best fixed K (mean over seeds, min)"]
-    report = {"traces": opts.traces.name, "repeats": opts.repeats, "seeds": opts.seeds, "cells": []}
+    report = {"traces": opts.traces.name, "repeats": opts.repeats, "seeds": opts.seeds, "jitter": opts.jitter, "cells": []}
+    policies = ["adaptive"] + (["known costs", "known costs, no exploring"] if opts.known_costs else [])
     for batch in [int(b) for b in opts.batch.split(",")]:
         for drift in [float(d) for d in opts.drift.split(",")]:
-            cell = compare(traces, batch, opts.repeats, opts.seeds, drift)
+            cell = compare(traces, batch, opts.repeats, opts.seeds, drift, policies, opts.jitter)
             report["cells"].append(cell)
             rates = cell["tokens_per_second"]
             lines.append(f"B = {batch}, drift {drift}: fixed K " + " ".join(f"{k}:{rates[str(k)]:.0f}" for k in range(MAX_K + 1))
-                         + f" tok/s; adaptive {rates['adaptive']:.0f}: {cell['adaptive_over_best']:.3f} of the best"
-                         f" (min {cell['adaptive_over_best_min']:.3f})")
+                         + " tok/s; " + "; ".join(f"{p} {rates[p]:.0f}: {cell['over_best'][p]['mean']:.3f} of the best"
+                                                  f" (min {cell['over_best'][p]['min']:.3f})" for p in policies))
     print("\n".join(lines))
     if opts.out:
         serve_bench.write_results(opts.out, lines, report)

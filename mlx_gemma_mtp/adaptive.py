@@ -22,13 +22,17 @@ It picks argmax_k E[tokens | k] / t(k) over k = 0..max_k with
 E[tokens | k] = 1 + sum_{j<=k} prod_{i<=j} p_i. When K = 0 wins, nothing new is learnt about the
 drafter, so after `backoff` plain rounds it drafts once more (a probe, K = 1: position 1 gates every
 other); the back-off doubles after each probe that does not switch drafting back on, and resets
-when one does. While drafting, every `explore_every` rounds it measures a neighbour of the chosen
-K instead (K = 1's lower neighbour is plain decoding), for `explore_rounds` rounds in a row
-(sooner while a neighbour has fewer than three measurements), so a better K next to the current
-one is found from its own rounds rather than from the line: in a row, because on a CPU the
-engine times a K only from two consecutive rounds of it (engine.py: there, the interval between
-two reads holds parts of two rounds). Pure Python and O(max_k^2) per round: no MLX calls,
-nothing to synchronize.
+when one does. While drafting, it measures a neighbour of the chosen K now and then instead (K =
+1's lower neighbour is plain decoding), for `explore_rounds` rounds in a row, so a better K next
+to the current one is found from its own rounds rather than from the line: in a row, because on
+a CPU the engine times a K only from two consecutive rounds of it (engine.py: there, the interval
+between two reads holds parts of two rounds). A neighbour with fewer than three measurements is
+measured every `first_explore_every` rounds; a measured one the less often the slower it looks
+(every 2 * `explore_every` rounds when as fast as the chosen K, (1 + (gap / `explore_gap`)^2)
+times that when `gap` slower, at most `max_explore_every`): a neighbour close to the best may be
+the best, one far below it costs each round it runs (benchmarks/adaptive_replay.py: measuring a
+neighbour 30% slower every 32 rounds cost 3% at B = 1). Pure Python and O(max_k^2) per round: no
+MLX calls, nothing to synchronize.
 """
 
 import statistics
@@ -44,8 +48,10 @@ class AdaptiveDraft:
     slope_prior: float = 0.1  # t(k) ~ t(0) * (1 + slope_prior * k) until two K values are observed
     slope_prior_weight: float = 0.5
     start_k: int = 3
-    explore_every: int = 16  # drafting rounds between measurements of a neighbouring K
+    explore_every: int = 16  # drafting rounds between measurements of a neighbouring K, at least
     first_explore_every: int = 4  # ... while a neighbour has fewer than three measurements
+    explore_gap: float = 0.05  # a neighbour this much slower than the chosen K is measured half as often
+    max_explore_every: int = 256  # rounds between measurements of one neighbour, at most (costs drift)
     explore_rounds: int = 2  # ... for this many rounds in a row (a CPU's rounds are timed in pairs)
     cost_window: int = 5  # a K's own last rounds that make its cost (plain's too)
     switch_margin: float = 0.03  # a new K must promise this much more throughput to replace the current
@@ -73,7 +79,9 @@ class AdaptiveDraft:
         self._probing = False
         self._k_times = {}  # per K: its last `cost_window` round times
         self._since_explore = 0
-        self._explored = 0  # neighbour measurements so far: alternates between the two sides
+        self._explored = 0  # measurements of unmeasured neighbours so far: alternates between the two sides
+        self._chosen = 0  # rounds chosen so far
+        self._explored_at = {}  # per K: the round it was last measured as a neighbour
         self._exploring = (0, 0)  # (the neighbour being measured, rounds of it still to run)
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
         self._plain_tries = 0  # plain rounds chosen to measure t(0) before any was timed
@@ -173,15 +181,9 @@ class AdaptiveDraft:
         if best > 0:
             self._probing, self._backoff, self._off_rounds = False, self.first_backoff, 0
             self._since_explore += 1
-            # K = 1's lower neighbour is plain decoding: t(0) stays measured while drafting wins
-            # narrowly (a t(0) timed high once would otherwise keep drafting on at a loss)
-            neighbours = [n for n in (best - 1, best + 1) if 0 <= n <= max_k]
-            unmeasured = [n for n in neighbours if len(self._k_times.get(n, [])) < 3]
-            if neighbours and self._since_explore >= (self.first_explore_every if unmeasured else self.explore_every):
-                # now and then measure a neighbour, so the per-K costs stay current
-                self._since_explore, self._explored = 0, self._explored + 1
-                candidates = unmeasured or neighbours
-                k = candidates[self._explored % len(candidates)]
+            k = self._neighbour_due(best, rates, max_k)
+            if k is not None:  # now and then measure a neighbour, so the per-K costs stay current
+                self._since_explore, self._explored_at[k] = 0, self._chosen
                 self._exploring = (k, self.explore_rounds - 1)
                 return self._pick(k)
             return self._pick(best)
@@ -195,7 +197,29 @@ class AdaptiveDraft:
             return self._pick(1)
         return self._pick(0)
 
+    def _neighbour_due(self, best: int, rates: list, max_k: int):
+        """The neighbour of `best` to measure this round, or None. K = 1's lower neighbour is plain
+        decoding: t(0) stays measured while drafting wins narrowly (a t(0) timed high once would
+        otherwise keep drafting on at a loss)."""
+        neighbours = [n for n in (best - 1, best + 1) if 0 <= n <= max_k]
+        unmeasured = [n for n in neighbours if len(self._k_times.get(n, [])) < 3]
+        if unmeasured:
+            if self._since_explore < self.first_explore_every:
+                return None
+            self._explored += 1
+            return unmeasured[self._explored % len(unmeasured)]
+        if not neighbours or self._since_explore < self.explore_every:
+            return None
+        overdue = {}
+        for n in neighbours:
+            gap = max(0.0, 1 - rates[n] / rates[best])
+            every = min(2 * self.explore_every * (1 + (gap / self.explore_gap) ** 2), self.max_explore_every)
+            overdue[n] = self._chosen - self._explored_at.get(n, 0) - every
+        n = max(overdue, key=overdue.get)
+        return n if overdue[n] >= 0 else None
+
     def _pick(self, k: int) -> int:
+        self._chosen += 1
         self.history.append(k)
         return k
 

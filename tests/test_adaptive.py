@@ -137,12 +137,26 @@ def test_a_rarely_measured_k_keeps_its_own_cost():
 
 def test_measures_the_neighbour_below_the_largest_k():
     c = AdaptiveDraft(max_k=8)
-    chosen = simulate(c, lambda r: 1.0, 80, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
+    chosen = simulate(c, lambda r: 1.0, 400, cost=lambda k: round_cost(k, per_token=0.01, per_draft=0.01))
     late = chosen[20:]
-    assert late.count(8) >= 50 and late.count(7) >= 3, late  # K = 9 does not exist: 7 is measured instead
+    assert late.count(8) >= 360 and late.count(7) >= 4, late  # K = 9 does not exist: 7 is measured instead
     # measured two rounds in a row: on a CPU the engine times a K only from consecutive rounds of it
     runs = "".join("7" if k == 7 else "." for k in late).split(".")
     assert all(len(r) == c.explore_rounds for r in runs if r), late
+
+
+def test_a_neighbour_far_below_the_best_is_measured_seldom_but_still_measured():
+    """Measuring a neighbour costs what it is slower, each round it runs: one 30% slower than the
+    chosen K is measured about as seldom as `max_explore_every` allows, one as fast (1% slower)
+    every 2 * `explore_every` rounds."""
+    cost = {0: 0.5, 1: 0.9, 2: 1.1, 3: 1.2, 4: 1.0, 5: 1.156, 6: 1.5, 7: 1.7, 8: 1.9}
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 0.9, 1200, cost=cost.get)
+    late = chosen[200:]
+    assert late.count(4) + late.count(5) > 0.95 * len(late), late  # 4 and 5 within 1% of each other
+    # a round in 16 at K = 3 if it were measured as often as K = 5; at least every 256 rounds
+    assert c.explore_rounds * (len(late) // c.max_explore_every - 1) <= late.count(3) <= 0.02 * len(late), late
+    assert late.count(5) >= 3 * late.count(3), (late.count(5), late.count(3))
 
 
 def test_a_new_controller_measures_plain_second_and_stops_drafting_when_tokens_cost_linearly():
