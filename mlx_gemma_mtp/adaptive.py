@@ -31,7 +31,8 @@ measured every `first_explore_every` rounds; a measured one the less often the s
 (every 2 * `explore_every` rounds when as fast as the chosen K, (1 + (gap / `explore_gap`)^2)
 times that when `gap` slower, at most `max_explore_every`): a neighbour close to the best may be
 the best, one far below it costs each round it runs (benchmarks/adaptive_replay.py: measuring a
-neighbour 30% slower every 32 rounds cost 3% at B = 1). Pure Python and O(max_k^2) per round: no
+neighbour 30% slower every 32 rounds cost 3% at B = 1). Plain decoding as K = 1's neighbour is
+measured every `explore_every` rounds per neighbour, however slow it looks. Pure Python and O(max_k^2) per round: no
 MLX calls, nothing to synchronize.
 """
 
@@ -199,8 +200,9 @@ class AdaptiveDraft:
 
     def _neighbour_due(self, best: int, rates: list, max_k: int):
         """The neighbour of `best` to measure this round, or None. K = 1's lower neighbour is plain
-        decoding: t(0) stays measured while drafting wins narrowly (a t(0) timed high once would
-        otherwise keep drafting on at a loss)."""
+        decoding, measured every `explore_every` rounds per neighbour whatever it looks like: t(0)
+        stays measured while drafting wins (a t(0) timed high would otherwise keep drafting on at a
+        loss, the more seldom re-measured the higher it was timed)."""
         neighbours = [n for n in (best - 1, best + 1) if 0 <= n <= max_k]
         unmeasured = [n for n in neighbours if len(self._k_times.get(n, [])) < 3]
         if unmeasured:
@@ -214,6 +216,8 @@ class AdaptiveDraft:
         for n in neighbours:
             gap = max(0.0, 1 - rates[n] / rates[best])
             every = min(2 * self.explore_every * (1 + (gap / self.explore_gap) ** 2), self.max_explore_every)
+            if n == 0:  # plain decoding is not spared for looking slow: that is what may be wrong
+                every = len(neighbours) * self.explore_every
             overdue[n] = self._chosen - self._explored_at.get(n, 0) - every
         n = max(overdue, key=overdue.get)
         return n if overdue[n] >= 0 else None

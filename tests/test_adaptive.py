@@ -159,6 +159,18 @@ def test_a_neighbour_far_below_the_best_is_measured_seldom_but_still_measured():
     assert late.count(5) >= 3 * late.count(3), (late.count(5), late.count(3))
 
 
+def test_plain_decoding_is_measured_as_k1s_neighbour_however_slow_it_looks():
+    """Plain rounds timed high (on a CPU a plain round's interval can hold parts of the drafting
+    rounds around it) make K = 1 look best; plain decoding keeps being measured every
+    2 * `explore_every` rounds, not less often for looking slow, so a true t(0) can show."""
+    cost = {0: 1.0, 1: 0.6, 2: 2.0, 3: 2.5, 4: 3.0, 5: 3.5, 6: 4.0, 7: 4.5, 8: 5.0}
+    c = AdaptiveDraft(max_k=8)
+    chosen = simulate(c, lambda r: 0.5, 1000, cost=cost.get)
+    late = chosen[200:]
+    assert late.count(1) > 0.85 * len(late), late
+    assert late.count(0) >= 0.8 * c.explore_rounds * len(late) / (2 * c.explore_every), late.count(0)
+
+
 def test_a_new_controller_measures_plain_second_and_stops_drafting_when_tokens_cost_linearly():
     """On a CPU or with a large batch, verifying K + 1 tokens costs K + 1 plain rounds: drafting at
     0.6 acceptance loses. A new controller drafts once, measures a plain round, and is off from
