@@ -217,7 +217,6 @@ def compare(traces, batch, repeats, seeds, drift, policies=("adaptive",), jitter
     over = {p: [r[p]["tokens_per_second"] / r[b]["tokens_per_second"] for r, b in zip(runs, best)] for p in policies}
     return {"batch": batch, "drift": drift, "best_fixed_k": Counter(best).most_common(1)[0][0],
             "tokens_per_second": {str(s): statistics.mean(r[s]["tokens_per_second"] for r in runs) for s in settings},
-            "adaptive_over_best": statistics.mean(over["adaptive"]), "adaptive_over_best_min": min(over["adaptive"]),
             "over_best": {p: {"mean": statistics.mean(v), "min": min(v)} for p, v in over.items()},
             "rounds_per_k": {p: runs[0][p]["rounds_per_k"] for p in policies}}
 
@@ -252,7 +251,7 @@ def main():
         return
     traces = json.loads(opts.traces.read_text())
     lines = [f"replayed: {opts.traces.name}; {traces['prompts']} prompts x {traces['tokens']} tokens, B at a time, "
-             + (f"jitter {opts.jitter}, " if opts.jitter != 0.08 else "") +
+             + (f"jitter {opts.jitter}, " if opts.jitter != rep.get_default("jitter") else "") +
              f"{opts.repeats} repeats, {opts.seeds} seeds; adaptive over the best fixed K (mean over seeds, min)"]
     report = {"traces": opts.traces.name, "repeats": opts.repeats, "seeds": opts.seeds, "jitter": opts.jitter, "cells": []}
     policies = ["adaptive"] + (["known costs", "known costs, no exploring"] if opts.known_costs else [])

@@ -32,8 +32,8 @@ measured every `first_explore_every` rounds; a measured one the less often the s
 times that when `gap` slower, at most `max_explore_every`): a neighbour close to the best may be
 the best, one far below it costs each round it runs (benchmarks/adaptive_replay.py: measuring a
 neighbour 30% slower every 32 rounds cost 3% at B = 1). Plain decoding as K = 1's neighbour is
-measured every `explore_every` rounds per neighbour, however slow it looks. Pure Python and O(max_k^2) per round: no
-MLX calls, nothing to synchronize.
+measured every `explore_every` rounds per neighbour, however slow it looks. Pure Python and
+O(max_k^2) per round: no MLX calls, nothing to synchronize.
 """
 
 import statistics
@@ -81,8 +81,7 @@ class AdaptiveDraft:
         self._k_times = {}  # per K: its last `cost_window` round times
         self._since_explore = 0
         self._explored = 0  # measurements of unmeasured neighbours so far: alternates between the two sides
-        self._chosen = 0  # rounds chosen so far
-        self._explored_at = {}  # per K: the round it was last measured as a neighbour
+        self._explored_at = {}  # per K: the round (index into history) it was last measured as a neighbour
         self._exploring = (0, 0)  # (the neighbour being measured, rounds of it still to run)
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
         self._plain_tries = 0  # plain rounds chosen to measure t(0) before any was timed
@@ -184,7 +183,7 @@ class AdaptiveDraft:
             self._since_explore += 1
             k = self._neighbour_due(best, rates, max_k)
             if k is not None:  # now and then measure a neighbour, so the per-K costs stay current
-                self._since_explore, self._explored_at[k] = 0, self._chosen
+                self._since_explore, self._explored_at[k] = 0, len(self.history)
                 self._exploring = (k, self.explore_rounds - 1)
                 return self._pick(k)
             return self._pick(best)
@@ -218,12 +217,11 @@ class AdaptiveDraft:
             every = min(2 * self.explore_every * (1 + (gap / self.explore_gap) ** 2), self.max_explore_every)
             if n == 0:  # plain decoding is not spared for looking slow: that is what may be wrong
                 every = len(neighbours) * self.explore_every
-            overdue[n] = self._chosen - self._explored_at.get(n, 0) - every
+            overdue[n] = len(self.history) - self._explored_at.get(n, 0) - every
         n = max(overdue, key=overdue.get)
         return n if overdue[n] >= 0 else None
 
     def _pick(self, k: int) -> int:
-        self._chosen += 1
         self.history.append(k)
         return k
 
