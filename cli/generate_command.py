@@ -10,7 +10,7 @@ import click
 
 from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.errors import MTPError
-from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, fit_max_tokens
+from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, MAX_SEED, fit_max_tokens
 from mlx_gemma_mtp.sharding import is_writer, launched
 
 INTERRUPTED = 130  # the shell's exit status for SIGINT
@@ -66,7 +66,7 @@ def model_options(f):
                      help="Drop tokens less likely than this fraction of the top one."),
         click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), callback=finite,
                      help="Penalize tokens already in the context (1 is none)."),
-        click.option("--seed", type=int, help="Random seed for sampling."),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Random seed for sampling."),
         click.option("--verbose", is_flag=True, help="More detail on stderr."),
     ]
     for option in reversed(options):

@@ -12,6 +12,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.sample_utils import make_repetition_penalty
 
 from .decode import Pair, PromptCache, Stats
+from .detokenize import IncrementalDecoder, generated_text
 from .engine import PREFILL_STEP, Engine, Request
 from .errors import MTPError
 from .limits import check_draft_tokens, fit_max_tokens
@@ -32,10 +33,12 @@ class Response:
 
 
 def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt) -> list:
-    """The prompt as token ids: a string is encoded as is, a list (or array) of ids is checked
+    """The prompt as token ids: a string is encoded as is (with a BOS unless it starts with one), a list (or array) of ids is checked
     against the target's vocabulary (an id outside it would index past the embedding)."""
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt) if prompt else []
+        # a prompt that already starts with the BOS text (a rendered chat template) gets no second one
+        bos = tokenizer.bos_token
+        ids = tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))) if prompt else []
     elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
         ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
         vocab = pair.view.args.vocab_size
@@ -139,8 +142,7 @@ def stream_generate(
     uid = engine.insert(ids, request)
     stats = engine.rows[uid].stats
     row = engine.rows[uid]
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
+    decoder = IncrementalDecoder(tokenizer, ids)
     last = None
     try:
         while engine.busy:
@@ -156,11 +158,9 @@ def stream_generate(
                     if token in request.eos_ids:
                         last = Response("", token, from_draft)
                         continue
-                    detokenizer.add_token(token)
-                    last = Response(detokenizer.last_segment, token, from_draft)
+                    last = Response(decoder.add(token), token, from_draft)
                 if event.finish_reason:
-                    detokenizer.finalize()
-                    last.text += detokenizer.last_segment
+                    last.text += decoder.finish()
                     last.finish_reason, last.stats = event.finish_reason, stats
     finally:
         engine.remove(uid)  # a caller that stops early: the prompt cache keeps what was computed
@@ -239,7 +239,8 @@ def batch_generate(
             tokens[i] += event.tokens
             finish[i] = event.finish_reason or finish[i]
     seconds = time.perf_counter() - start
-    texts = [tokenizer.decode([t for t in row if t not in requests[i].eos_ids]) for i, row in enumerate(tokens)]
+    texts = [generated_text(tokenizer, ids[i], [t for t in row if t not in requests[i].eos_ids])
+             for i, row in enumerate(tokens)]
     generated = sum(len(t) for t in tokens)
     total = {"generated_tokens": generated, "seconds": seconds,
              "tokens_per_second": generated / seconds if seconds else 0.0, "rounds": engine._rounds}

@@ -2,6 +2,7 @@
 
 from .errors import MTPError
 
+MAX_SEED = 2**32 - 1  # a row's seed is hashed as a uint32
 MAX_DRAFT_TOKENS = 16
 
 

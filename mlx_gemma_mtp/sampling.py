@@ -24,6 +24,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .errors import MTPError
+from .limits import MAX_SEED
 
 PURPOSES = {"draft": 0x68E31DA4, "accept": 0xB5297A4D, "residual": 0x1B56C4E9, "bonus": 0x7FEB352D}
 
@@ -59,8 +60,9 @@ class Sampling:
             callable(p) for p in self.logits_processors
         ):
             raise MTPError("logits_processors must be a list of callables")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise MTPError(f"seed must be a whole number, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise MTPError(f"seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         if self.seed is None and not self.greedy:
             # from MLX's global generator, so mx.random.seed() still governs unseeded runs
             self.seed = mx.random.randint(0, 2**31 - 1).item()

@@ -13,6 +13,8 @@ import uuid
 from collections import deque
 from typing import Callable, Optional
 
+from .detokenize import IncrementalDecoder
+
 
 # --- text: detokenization, stop strings, log-probabilities (engine thread) -----------------------
 
@@ -37,17 +39,16 @@ class TextStream:
     log-probability entry is released with the text where its token begins.
     """
 
-    def __init__(self, detokenizer, stops: list, eos_ids, token_text: Optional[Callable] = None):
-        self.detok = detokenizer
-        self.detok.reset()
+    def __init__(self, decoder: IncrementalDecoder, stops: list, eos_ids, token_text: Optional[Callable] = None):
+        self.decoder = decoder
         self.stops, self.eos_ids, self.token_text = stops, eos_ids, token_text
-        self.sent = 0  # characters of detok.text released
+        self.sent = 0  # characters of the decoder's text released
         self.entries = deque()  # (start character, log-probability entry) not yet released
         self.count = 0  # tokens consumed (an EOS and a token that completes a stop included)
 
     @property
     def text(self) -> str:
-        return self.detok.text
+        return self.decoder.text
 
     def feed(self, tokens: list, logprobs: Optional[list] = None) -> tuple:
         """-> (released text, released log-probability entries, stopped at a stop string)."""
@@ -56,10 +57,11 @@ class TextStream:
             if t in self.eos_ids:
                 continue  # an end-of-turn token is not text (the engine finishes the row)
             start = len(self.text)
-            self.detok.add_token(t)
+            piece = self.decoder.add(t)
             if logprobs is not None and self.token_text is not None:
+                # the chosen token's text is what it added to the reply, so the entries add up to the text
                 chosen, top = logprobs[j]
-                self.entries.append((start, (self.token_text(t), chosen,
+                self.entries.append((start, (piece, chosen,
                                              [(self.token_text(i), v) for i, v in top])))
             at = self._find_stop()
             if at is not None:
@@ -67,8 +69,8 @@ class TextStream:
         return (*self._release(len(self.text) - held_suffix(self.text[self.sent:], self.stops)), False)
 
     def finish(self) -> tuple:
-        """At the row's end: flush the detokenizer -> (text, entries, stopped)."""
-        self.detok.finalize()
+        """At the row's end: flush the decoder -> (text, entries, stopped)."""
+        self.decoder.finish()
         at = self._find_stop()
         if at is not None:
             return (*self._release(at), True)

@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import MTPError
 from .openai_schema import ChatCompletionRequest, CompletionRequest
 from .prompt_pool import PromptCachePool
+from .detokenize import IncrementalDecoder
 from .serve_text import TextStream, ToolCallSplitter, chat_logprobs, completion_logprobs, split_tool_calls
 
 if TYPE_CHECKING:  # serve_requests imports this module (its errors, Job, Worker)
@@ -294,7 +295,7 @@ class Worker(threading.Thread):
         """The job's row is in the engine as `uid`."""
         request = job.request = self.engine.rows[uid].request
         job.uid, job.stats = uid, self.engine.rows[uid].stats
-        job.text = TextStream(self.tokenizer.detokenizer, job.stops, request.eos_ids,
+        job.text = TextStream(IncrementalDecoder(self.tokenizer, job.ids), job.stops, request.eos_ids,
                               self._text_of if job.top_logprobs is not None else None)
         self.active[uid] = job
         job.send(("start", job.stats.reused_prompt_tokens))

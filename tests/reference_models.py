@@ -444,9 +444,31 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def write_tokenizer(model_dir: Path) -> None:
+@lru_cache(maxsize=1)
+def _spm_tokenizer_json() -> str:
+    """Gemma's style: tokens carry their leading space as "\u2581", and decoding turns it back into
+    a space without stripping the first one (mlx-lm picks its SPM streaming detokenizer for it)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581+|\n"), behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=1, special_tokens=special_tokens(),
+                                  show_progress=False)
+    tok.train_from_iterator([TRAINING_TEXT.replace(" ", "\u2581")] * 4, trainer=trainer)
+    if tok.get_vocab_size() > VOCAB:
+        raise RuntimeError(f"tokenizer trained to {tok.get_vocab_size()} tokens, expected at most {VOCAB}")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    return tok.to_str()
+
+
+def write_tokenizer(model_dir: Path, style: str = "bpe") -> None:
+    """style "bpe": byte-level BPE; "spm": Gemma's own style (see _spm_tokenizer_json)."""
     model_dir = Path(model_dir)
-    (model_dir / "tokenizer.json").write_text(_tokenizer_json())
+    (model_dir / "tokenizer.json").write_text(_spm_tokenizer_json() if style == "spm" else _tokenizer_json())
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<bos>",
