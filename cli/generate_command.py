@@ -131,7 +131,26 @@ def load_model(model, draft_model, no_draft, demo=False):
     if not model:
         raise click.UsageError("missing option '--model'")
     # --no-draft never resolves, downloads or reads a drafter, even a pair's own
-    return load(model, draft_path=draft_model, draft=not no_draft)
+    pair, tokenizer = load(model, draft_path=draft_model, draft=not no_draft)
+    if pair.drafter is None and not no_draft:
+        say_which_drafter(model, pair.target_config)
+    return pair, tokenizer
+
+
+def say_which_drafter(model, target_config: dict) -> None:
+    """A target given without a drafter decodes plainly: say so, and which drafter would fit it."""
+    from mlx_gemma_mtp.config import suggested_drafters
+
+    drafters = suggested_drafters(target_config)
+    if not drafters:
+        click.echo("note: no drafter: decoding without MTP (--draft-model adds one, --no-draft silences this)",
+                   err=True)
+        return
+    google, community = drafters
+    click.echo(f"note: no drafter: decoding without MTP. This target's MTP drafter is {google} "
+               f"(converted: {community}); add it with --draft-model {community}, or convert a pair once with "
+               f"`gemma-mtp convert --target {model} --draft {google} --out PAIR` (--no-draft silences this)",
+               err=True)
 
 
 def utf8(data: bytes, where: str, start: int = 0) -> str:

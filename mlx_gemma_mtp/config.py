@@ -243,3 +243,17 @@ def validate_pair(target: dict, draft: dict) -> None:
                 f"incompatible pair: the drafter's {kind} layers expect K/V of (head_dim, kv_heads) "
                 f"{d_shapes[kind]}, the target produces {t_shapes[kind]}"
             )
+
+
+# Gemma 4 targets by (hidden_size, num_hidden_layers): the name their MTP drafters are published under
+KNOWN_TARGETS = {(1536, 35): "E2B", (2560, 42): "E4B", (3840, 48): "12B", (2816, 30): "26B-A4B", (5376, 60): "31B"}
+
+
+def suggested_drafters(target: dict) -> list:
+    """Hub ids of the drafter that fits a known Gemma 4 target (Google's, then mlx-community's
+    conversion); [] for a target of another size."""
+    text = text_config_of(target)
+    name = KNOWN_TARGETS.get((text.get("hidden_size"), text.get("num_hidden_layers")))
+    if name is None:
+        return []
+    return [f"google/gemma-4-{name}-it-assistant", f"mlx-community/gemma-4-{name}-it-assistant-bf16"]

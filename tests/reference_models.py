@@ -663,3 +663,36 @@ def checkpoint_shapes(model_dir) -> dict[str, tuple[tuple[int, ...], str]]:
                 sl = f.get_slice(name)
                 out[name] = (tuple(sl.get_shape()), sl.get_dtype())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# mlx-community style target (what mlx-vlm writes; independent of project code)
+# --------------------------------------------------------------------------------------------
+
+
+def write_mlx_community_target(mlx_target_dir, hf_target_dir, out_dir) -> Path:
+    """An mlx-vlm conversion of a target: the mlx-lm text weights (`language_model.model.*`) of
+    `mlx_target_dir`, plus the vision and audio towers under `vision_tower.*` / `audio_tower.*` /
+    `embed_vision.*` / `embed_audio.*` from the Hugging Face checkpoint, Google's config with
+    `vision_config` / `audio_config`, and `quantization_config` beside `quantization`."""
+    import mlx.core as mx
+
+    src, hf, out = Path(mlx_target_dir), Path(hf_target_dir), _fresh_dir(out_dir)
+    weights = {}
+    for f in sorted(src.glob("model*.safetensors")):
+        weights.update(mx.load(str(f)))
+    towers = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+              "model.vision_embedder.")
+    for f in sorted(hf.glob("model*.safetensors")):
+        for name, value in mx.load(str(f)).items():
+            if name.startswith(towers):
+                weights[name[len("model."):]] = value
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = json.loads((hf / "config.json").read_text())
+    mlx_config = json.loads((src / "config.json").read_text())
+    if "quantization" in mlx_config:
+        config["quantization"] = config["quantization_config"] = mlx_config["quantization"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / name, out / name)
+    return out
