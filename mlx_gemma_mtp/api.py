@@ -15,6 +15,7 @@ from .decode import Pair, PromptCache, Stats
 from .detokenize import IncrementalDecoder, generated_text
 from .engine import PREFILL_STEP, Engine, Request
 from .errors import MTPError
+from .housekeeping import generating
 from .limits import check_draft_tokens, fit_max_tokens
 from .loading import load  # noqa: F401  (the API's `load`)
 from .quantized_cache import check_kv_quant
@@ -145,23 +146,24 @@ def stream_generate(
     decoder = IncrementalDecoder(tokenizer, ids)
     last = None
     try:
-        while engine.busy:
-            events = engine.step()
-            if prefill_progress is not None and not row.emitted:
-                prefill_progress(row.offset, len(ids))
-            for event in events:
-                if event.finish_reason == "error":
-                    raise MTPError(f"generation failed: {event.error}")
-                for token, from_draft in zip(event.tokens, event.from_draft):
-                    if last is not None:
-                        yield last
-                    if token in request.eos_ids:
-                        last = Response("", token, from_draft)
-                        continue
-                    last = Response(decoder.add(token), token, from_draft)
-                if event.finish_reason:
-                    last.text += decoder.finish()
-                    last.finish_reason, last.stats = event.finish_reason, stats
+        with generating(pair.target):
+            while engine.busy:
+                events = engine.step()
+                if prefill_progress is not None and not row.emitted:
+                    prefill_progress(row.offset, len(ids))
+                for event in events:
+                    if event.finish_reason == "error":
+                        raise MTPError(f"generation failed: {event.error}")
+                    for token, from_draft in zip(event.tokens, event.from_draft):
+                        if last is not None:
+                            yield last
+                        if token in request.eos_ids:
+                            last = Response("", token, from_draft)
+                            continue
+                        last = Response(decoder.add(token), token, from_draft)
+                    if event.finish_reason:
+                        last.text += decoder.finish()
+                        last.finish_reason, last.stats = event.finish_reason, stats
     finally:
         engine.remove(uid)  # a caller that stops early: the prompt cache keeps what was computed
     yield last
@@ -226,18 +228,19 @@ def batch_generate(
     row_of, pending = {}, list(range(n))
     limit = max_batch or n
     start = time.perf_counter()
-    while pending or engine.busy:
-        while pending and len(engine.rows) < limit:
-            i = pending.pop(0)
-            if requests[i].max_tokens == 0:
-                finish[i] = "length"
-                continue
-            uid = engine.insert(ids[i], requests[i])
-            row_of[uid], stats[i] = i, engine.rows[uid].stats
-        for event in engine.step():
-            i = row_of[event.uid]
-            tokens[i] += event.tokens
-            finish[i] = event.finish_reason or finish[i]
+    with generating(pair.target):
+        while pending or engine.busy:
+            while pending and len(engine.rows) < limit:
+                i = pending.pop(0)
+                if requests[i].max_tokens == 0:
+                    finish[i] = "length"
+                    continue
+                uid = engine.insert(ids[i], requests[i])
+                row_of[uid], stats[i] = i, engine.rows[uid].stats
+            for event in engine.step():
+                i = row_of[event.uid]
+                tokens[i] += event.tokens
+                finish[i] = event.finish_reason or finish[i]
     seconds = time.perf_counter() - start
     texts = [generated_text(tokenizer, ids[i], [t for t in row if t not in requests[i].eos_ids])
              for i, row in enumerate(tokens)]

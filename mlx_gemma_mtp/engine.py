@@ -26,6 +26,7 @@ import mlx.core as mx
 from .adaptive import controller_for
 from .cache import concat_rows, reserve, set_offset, take_rows
 from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
+from .housekeeping import RELEASE_EVERY, generation_stream, release_cache
 from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
 from .quantized_cache import is_quantized, quantize_cache
 from .sampling import Sampling, group_key, process, strategy_of
@@ -131,7 +132,7 @@ class Engine:
         # set to a list to record ("submit", round, start, graph built, queued, K) and ("read",
         # round, results ready)
         self.trace: Optional[list] = None
-        self._uid = self._rounds = 0
+        self._uid = self._rounds = self._released = 0
         self._last_read = None
         self._after_cold = False  # the last round read had a warm-up forward
 
@@ -164,6 +165,14 @@ class Engine:
 
     def step(self) -> list:
         """Prefill one chunk of a waiting row, queue a round, read the one before it."""
+        with mx.stream(generation_stream):
+            events = self._step()
+        if self._rounds - self._released >= RELEASE_EVERY:
+            self._released = self._rounds
+            release_cache()
+        return events
+
+    def _step(self) -> list:
         if self.waiting:
             self._last_read = None  # the next read interval holds a prefill: it times no round
         events = self._prefill_chunk()
@@ -210,6 +219,7 @@ class Engine:
                 row.cache = row.request.prompt_cache.cache = self._kv(row.cache, row.offset)
                 if row.todo:
                     mx.eval([c.state for c in row.cache])
+                    release_cache()  # a long prompt's activations, chunk by chunk (as mlx-lm does)
                     continue
                 self.waiting.popleft()
                 group, cache = [row], row.cache
