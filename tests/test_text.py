@@ -20,10 +20,15 @@ PROMPT = "def add(a, b):\n    return"
 
 
 @pytest.fixture(scope="module", params=["bpe", "spm"])
-def pair(request, pair_dir, tmp_path_factory):
+def folder(request, pair_dir, tmp_path_factory):
     """The miniature e2b pair with each tokenizer style (the weights do not care what a token spells)."""
     folder = shutil.copytree(pair_dir("e2b"), tmp_path_factory.mktemp("text") / request.param)
     reference_models.write_tokenizer(folder / "target", request.param)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(folder):
     return load(str(folder))
 
 
@@ -128,3 +133,14 @@ def test_cli_keeps_the_first_space_and_refuses_bad_seeds():
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode != 0 and "Traceback" not in bad.stderr
         assert "--seed" in bad.stderr and "bad_cast" not in bad.stderr
+
+
+def test_cli_chat_reply_is_the_decode_of_its_own_tokens(folder, pair):
+    model, tokenizer = pair
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi there"}], add_generation_prompt=True)
+    generated = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=12, num_draft_tokens=3)]
+    reply = tokenizer.decode([t for t in generated if t not in tokenizer.eos_token_ids])
+    out = subprocess.run([GEMMA_MTP, "chat", "--model", str(folder), "--max-tokens", "12", "--num-draft-tokens", "3"],
+                         input="hi there\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reply + "\n"
