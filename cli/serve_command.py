@@ -39,6 +39,11 @@ def model_id_of(model, demo):
               help="Tokens generated for a request that does not set max_tokens.")
 @click.option("--model-id", metavar="NAME", help="The name clients use for the model (default: the folder's "
                                                   "name or repo id; 'gemma-mtp-demo' with --demo).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=16 << 20, show_default=True,
+              help="The largest request body; a larger one is refused with 413.")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM or Ctrl-C: seconds running requests get to finish (new and queued ones get 503); "
+                   "what still runs then ends with an error.")
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
               help="A web origin (e.g. https://chat.example.com) whose pages may call the API from a browser; "
                    "pages served from localhost may by default. Repeatable; '*' allows any.")
@@ -46,8 +51,8 @@ def model_id_of(model, demo):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, num_draft_tokens,
-          prompt_cache_bytes, max_tokens, model_id, allow_origins, kv_bits, kv_group_size, quantized_kv_start,
-          prefill_step_size, log_level):
+          prompt_cache_bytes, max_tokens, model_id, max_body_bytes, shutdown_grace, allow_origins, kv_bits,
+          kv_group_size, quantized_kv_start, prefill_step_size, log_level):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     from mlx_gemma_mtp.server import serve as run
     from mlx_gemma_mtp.sharding import launched, launched_group
@@ -71,12 +76,14 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding to {host}: the server has no authentication", err=True)
 
-    def ready(worker):
+    def ready(worker):  # loaded and warmed up: the first line that says the server serves
         drafter = "no drafter" if worker.pair.drafter is None else f"draft length {worker.draft_tokens}"
         ranks = f", {group.size()} processes" if group is not None else ""
-        click.echo(f"serving '{name}' ({drafter}, batch {max_batch}{ranks}) on http://{host}:{port}/v1", err=True)
+        warm = f"; warmed up in {worker.warm_up_seconds:.1f} s" if worker.warm_up_seconds is not None else ""
+        click.echo(f"serving '{name}' ({drafter}, batch {max_batch}{ranks}) on http://{host}:{port}/v1{warm}",
+                   err=True)
 
     run(lambda: load_model(model, draft_model, no_draft, demo), name, host=host, port=port, max_batch=max_batch,
         num_draft_tokens=num_draft_tokens, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes,
         default_max_tokens=max_tokens, log_level=log_level, on_ready=ready, cache_options=options,
-        allow_origins=allow_origins)
+        allow_origins=allow_origins, max_body_bytes=max_body_bytes, shutdown_grace=shutdown_grace)

@@ -2,10 +2,11 @@
 
 The models check types only; the values are checked where they are used (server.py,
 serve_requests.py and the API's boundary, `api.make_request`), so that a nonsense value gets
-OpenAI's 400 with a one-line message, and a field of the wrong type gets 422. Fields OpenAI defines
-that this server does not read are ignored, as OpenAI-compatible servers do; the few that would
-change the answer's meaning and are not supported (n > 1, echo, suffix, best_of > 1, a structured
-response_format) are refused.
+OpenAI's 400 with a one-line message, and a field of the wrong type gets 422. `tools` stay plain
+dicts here: serve_requests checks them as OpenAI does (400 naming e.g. `tools[0].function.name`).
+Fields OpenAI defines that this server does not read are ignored, as OpenAI-compatible servers do;
+the few that would change the answer's meaning and are not supported (n > 1, echo, suffix,
+best_of > 1, a structured response_format, tool_choice "required") are refused.
 """
 
 from typing import Any, Literal, Optional, Union

@@ -1,25 +1,86 @@
-"""The requests of `gemma-mtp serve`: checked, templated and encoded on the event loop.
+"""The requests of `gemma-mtp serve`: parsed, checked, templated and encoded.
 
-`Server` holds what the HTTP handlers share (the engine thread, the tokenizer, the served model's
-name). It renders chat templates (OpenAI messages as chat-template messages, the tools the template
-sees), encodes completion prompts, checks prompt lengths and every setting against OpenAI's limits
-and the model's, and builds each row's `Job` with its `engine.Request`, without MLX (processors that
-need arrays are built in the engine thread). A refused request is an `APIError` naming its parameter.
+`Server` holds what the HTTP handlers share (the engine thread, the tokenizers, the served model's
+name). It parses request bodies (JSON whatever the Content-Type; a lone surrogate is refused), renders
+chat templates (OpenAI messages as chat-template messages, the tools the template sees), encodes
+completion prompts, checks prompt lengths and every setting against OpenAI's limits and the model's,
+and builds each row's `Job` with its `engine.Request`, without MLX (processors that need arrays are
+built in the engine thread). A refused request is an `APIError` naming its parameter.
+
+Parsing a large body, templating and encoding run in worker threads (`starlette`'s thread pool), on
+the engine thread's own copy of the tokenizer (`Worker.encoder`): they take seconds for a prompt of
+megabytes, which on the event loop would stall every stream.
 """
 
 import asyncio
 import json
 import math
 import random
+import re
 import time
 from typing import Optional
 
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
 from .errors import MTPError
 from .openai_schema import ChatCompletionRequest, CompletionRequest
-from .server import APIError, Job, Worker, bad
+from .server import MAX_BODY_BYTES, APIError, Job, Worker, bad, validation_error
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # the engine's limit (and OpenAI's for chat)
+PARSE_INLINE_BYTES = 64 << 10  # bodies up to this are parsed on the event loop (a thread costs more)
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+# --- bodies --------------------------------------------------------------------------------------
+
+
+def parse_body(raw: bytes, model):
+    """A request body as `model`: 400 unless it is a JSON object of valid Unicode, 422 for a field
+    of the wrong type."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise APIError(400, "the request body is not valid JSON: send a JSON object "
+                            "(Content-Type: application/json)", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    where = lone_surrogate(data)
+    if where is not None:
+        raise bad(f"{where}: the text holds a lone surrogate (\\ud800-\\udfff without its pair), "
+                  "which is not valid Unicode", where, "invalid_unicode")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+def lone_surrogate(value, path: str = "") -> Optional[str]:
+    """Where a string holds a lone surrogate (JSON's "\\ud800" decodes to one), as a parameter path;
+    None if nowhere. Neither UTF-8, nor the tokenizer, nor a response can carry one."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if lone_surrogate(key) is not None:
+                return path or "body"  # (the key itself cannot go into the message)
+            found = lone_surrogate(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+# --- chat ----------------------------------------------------------------------------------------
 
 
 def message_text(content, where: str) -> Optional[str]:
@@ -60,19 +121,52 @@ def template_messages(body: ChatCompletionRequest) -> list:
     return out
 
 
+def check_tools(tools: Optional[list]) -> None:
+    """Each tool as OpenAI requires it: {"type": "function", "function": {"name", "description"?,
+    "parameters"?, "strict"?}}, a name of letters, digits, _ and - (at most 64)."""
+    for i, tool in enumerate(tools or []):
+        where = f"tools[{i}]"
+        if tool.get("type") != "function":
+            raise bad(f"{where}.type must be 'function', got {tool.get('type')!r}", f"{where}.type")
+        function = tool.get("function")
+        if function is None:
+            raise bad(f"missing required parameter: '{where}.function'", f"{where}.function",
+                      "missing_required_parameter")
+        if not isinstance(function, dict):
+            raise bad(f"{where}.function must be an object", f"{where}.function", "invalid_type")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise bad(f"{where}.function.name must be a string of letters, digits, '_' and '-' (at most 64), "
+                      f"got {name!r}", f"{where}.function.name")
+        for key, kind, what in (("description", str, "a string"), ("parameters", dict, "an object"),
+                                ("strict", bool, "a boolean")):
+            if function.get(key) is not None and not isinstance(function[key], kind):
+                raise bad(f"{where}.function.{key} must be {what}", f"{where}.function.{key}", "invalid_type")
+
+
 def chosen_tools(body: ChatCompletionRequest) -> Optional[list]:
     """The tools the template sees: none for tool_choice "none", one for a named function."""
     tools, choice = body.tools, body.tool_choice
+    check_tools(tools)
+    if choice is not None and not tools:
+        raise bad("tool_choice is only allowed when tools are given", "tool_choice")
+    if choice == "required":  # the model would have to be made to call one: not done yet
+        raise bad("tool_choice 'required' is not supported yet: use 'auto' or name a function", "tool_choice",
+                  "unsupported_value")
     if not tools or choice == "none":
         return None
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        named = [t for t in tools if (t.get("function") or {}).get("name") == name]
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise bad("tool_choice must be 'none', 'auto' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                      "tool_choice")
+        named = [t for t in tools if t["function"]["name"] == name]
         if not named:
             raise bad(f"tool_choice names '{name}', which is not among the tools", "tool_choice")
         return named
-    if choice not in (None, "auto", "required"):
-        raise bad(f"tool_choice must be 'none', 'auto', 'required' or a function, got {choice!r}", "tool_choice")
+    if choice not in (None, "auto"):
+        raise bad(f"tool_choice must be 'none', 'auto' or a function, got {choice!r}", "tool_choice")
     return tools
 
 
@@ -82,35 +176,54 @@ def check_number(value, name: str, low: float, high: float) -> None:
 
 
 class Server:
-    """What the HTTP handlers share: the engine thread, the tokenizer, the served model's name."""
+    """What the HTTP handlers share: the engine thread, the tokenizers, the served model's name.
+    The pair and the tokenizers are the engine thread's, read once it has loaded them."""
 
-    def __init__(self, worker: Worker, model_id: str, default_max_tokens: int = 512):
+    def __init__(self, worker: Worker, model_id: str, default_max_tokens: int = 512,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         self.worker, self.model_id, self.default_max_tokens = worker, model_id, default_max_tokens
-        self.pair, self.tokenizer = worker.pair, worker.tokenizer
+        self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
+
+    @property
+    def pair(self):
+        return self.worker.pair
+
+    @property
+    def tokenizer(self):
+        """The tokenizer's settings (tool calling, template); requests encode with `encoder`."""
+        return self.worker.tokenizer
+
+    async def parse(self, raw: bytes, model):
+        """`parse_body`, in a worker thread for a large body."""
+        if len(raw) <= PARSE_INLINE_BYTES:
+            return parse_body(raw, model)
+        return await run_in_threadpool(parse_body, raw, model)
 
     def check_model(self, model: str) -> None:
         if model != self.model_id:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_id}'",
                            "model", "model_not_found")
 
-    def check_length(self, ids: list) -> None:
+    def check_length(self, ids: list, param: str) -> None:
         context = self.pair.view.args.max_position_embeddings
         if len(ids) >= context:
             raise bad(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens",
-                      "messages", "context_length_exceeded")
+                      param, "context_length_exceeded")
+
+    # chat_ids and completion_ids run in worker threads (their encoding takes seconds for megabytes)
 
     def chat_ids(self, body: ChatCompletionRequest) -> tuple:
         if not self.tokenizer.has_chat_template:
             raise bad("the model's tokenizer has no chat template: use /v1/completions", "messages")
         messages, tools = template_messages(body), chosen_tools(body)
         try:
-            with self.worker.tokenizer_lock:
-                ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            with self.worker.encoder_lock:
+                ids = self.worker.encoder.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         except Exception as e:  # the template refused the conversation
             raise bad(f"the chat template could not render the messages: {e}", "messages") from None
         ids = list(ids)
-        self.check_length(ids)
+        self.check_length(ids, "messages")
         return ids, tools
 
     def completion_ids(self, body: CompletionRequest) -> list:
@@ -126,22 +239,23 @@ class Server:
             if any(not 0 <= t < vocab for t in prompt):
                 raise bad(f"the prompt's token ids must be in [0, {vocab})", "prompt")
         else:
-            with self.worker.tokenizer_lock:
-                prompt = self.tokenizer.encode(prompt) if prompt else []
+            with self.worker.encoder_lock:
+                prompt = self.worker.encoder.encode(prompt) if prompt else []
         if not prompt:
             raise bad("the prompt is empty", "prompt")
-        self.check_length(prompt)
+        self.check_length(prompt, "prompt")
         try:
             return prompt_ids(self.pair, self.tokenizer, prompt)
         except MTPError as e:
             raise bad(str(e), "prompt") from None
 
-    def job(self, body, ids: list, max_tokens: Optional[int], top_logprobs: Optional[int]) -> Job:
-        """Check the settings and build the row's Request (without MLX: processors that need
-        arrays are built in the engine thread)."""
-        from .api import make_request
+    def check(self, body, max_tokens: Optional[int], top_logprobs: Optional[int]) -> dict:
+        """Check the settings that do not depend on the prompt (before it is encoded, which can
+        take long) -> what `job` builds the row from."""
         from .limits import check_draft_tokens
 
+        if body.n is not None and body.n < 1:
+            raise bad(f"n must be at least 1, got {body.n}", "n")
         if body.n not in (None, 1):
             raise bad("n > 1 is not supported: send one request per choice", "n", "unsupported_value")
         if max_tokens is None:
@@ -178,6 +292,14 @@ class Server:
                 raise bad(f"num_draft_tokens is set for the whole server ({self.worker.draft_tokens}: one batch "
                           f"drafts one length); this request asked for {asked}", "num_draft_tokens",
                           "unsupported_value")
+        return {"max_tokens": max_tokens, "stops": stops, "bias": bias}
+
+    def job(self, body, ids: list, settings: dict, top_logprobs: Optional[int]) -> Job:
+        """Build the row's Request from the checked `settings` (without MLX: processors that need
+        arrays are built in the engine thread)."""
+        from .api import make_request
+
+        max_tokens, stops, bias = settings["max_tokens"], settings["stops"], settings["bias"]
         temperature = 1.0 if body.temperature is None else body.temperature
         seed = body.seed
         if seed is None and not (isinstance(temperature, (int, float)) and temperature == 0):

@@ -4,12 +4,14 @@ One server runs for the module (a subprocess on a free local port); expected out
 in this process with the Python API on the same pair.
 """
 
+import asyncio
 import concurrent.futures
 import http.client
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,7 +21,10 @@ pytest.importorskip("fastapi")
 
 from mlx_gemma_mtp import generate, stream_generate  # noqa: E402
 from server_process import running_server  # noqa: E402
+import mlx_gemma_mtp.server as srv  # noqa: E402
 from mlx_gemma_mtp.demo import load_demo  # noqa: E402
+from mlx_gemma_mtp.detokenize import IncrementalDecoder  # noqa: E402
+from mlx_gemma_mtp.serve_requests import Server  # noqa: E402
 from mlx_gemma_mtp.serve_text import TextStream, ToolCallSplitter, held_suffix, split_tool_calls  # noqa: E402
 from mlx_gemma_mtp.server import APIError, Job, Worker  # noqa: E402
 
@@ -36,10 +41,14 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
     with running_server(["--demo", "--num-draft-tokens", str(K), "--max-batch", "4", "--log-level", "warning"],
-                        log) as port:
+                        server_log) as port:
         yield port
 
 
@@ -53,12 +62,12 @@ def demo():
     return load_demo()
 
 
-def request(port, method, path, body=None, raw=None, timeout=60):
+def request(port, method, path, body=None, raw=None, timeout=60, content_type="application/json"):
     """(status, parsed JSON body) over a plain HTTP connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=data, headers={"Content-Type": content_type} if content_type else {})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
     finally:
@@ -186,7 +195,7 @@ def test_text_stream_holds_back_and_stops(demo):
     _, tok = demo
     ids = tok.encode("value = compute(alpha, beta)\nprint(value)", add_special_tokens=False)
     full = tok.decode(ids)
-    stream = TextStream(tok.detokenizer, ["(al", "zzz"], {1})
+    stream = TextStream(IncrementalDecoder(tok), ["(al", "zzz"], {1})
     out, stopped = "", False
     for t in ids:  # one token at a time
         text, _, stopped = stream.feed([t])
@@ -195,7 +204,7 @@ def test_text_stream_holds_back_and_stops(demo):
         if stopped:
             break
     assert stopped and out == full[: full.find("(al")]
-    stream = TextStream(tok.detokenizer, ["(al"], {1})
+    stream = TextStream(IncrementalDecoder(tok), ["(al"], {1})
     text, _, stopped = stream.feed(ids)  # the whole block at once
     assert stopped and text == full[: full.find("(al")]
     assert held_suffix("abc(a", ["(al"]) == 2 and held_suffix("abc", ["(al"]) == 0
@@ -271,6 +280,146 @@ def test_bad_requests_get_errors_and_the_server_survives(server, client):
         client.completions.create(model="nope", prompt="x")
     r = client.chat.completions.create(**good)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+
+
+def error_of(port, path, body=None, raw=None, content_type="application/json"):
+    """(status, the error's dict) of a request that must fail in OpenAI's shape."""
+    status, reply = request(port, "POST", path, body=body, raw=raw, content_type=content_type)
+    assert is_error_shape(reply), reply
+    return status, reply["error"]
+
+
+def test_lax_validation_is_refused(server):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    function = {"name": "get_weather", "parameters": {"type": "object"}}
+    cases = [  # (body, status, param)
+        ({**chat, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+        ({**chat, "tools": [{"type": "function", "function": {"name": 5}}]}, 400, "tools[0].function.name"),
+        ({**chat, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400,
+         "tools[0].function.parameters"),
+        ({**chat, "tools": [{"type": "retrieval", "function": function}]}, 400, "tools[0].type"),
+        ({**chat, "tool_choice": "auto"}, 400, "tool_choice"),
+        ({**chat, "tools": [{"type": "function", "function": function}], "tool_choice": "required"}, 400,
+         "tool_choice"),
+        ({**chat, "n": 0}, 400, "n"),
+    ]
+    for body, status, param in cases:
+        got, error = error_of(server, "/v1/chat/completions", body)
+        assert (got, error["param"]) == (status, param), (body, error)
+    _, error = error_of(server, "/v1/chat/completions", {**chat, "n": 0})
+    assert "at least 1" in error["message"] and "n > 1" not in error["message"]
+    _, error = error_of(server, "/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": function}],
+                                                         "tool_choice": "required"})
+    assert error["code"] == "unsupported_value" and "not supported" in error["message"]
+    got, error = error_of(server, "/v1/completions", {"model": MODEL, "prompt": "x " * 5000})
+    assert (got, error["code"], error["param"]) == (400, "context_length_exceeded", "prompt")
+    # a JSON body is JSON whatever its Content-Type (as OpenAI takes it); anything else: a clear 400
+    for content_type in ("text/plain", None):
+        status, reply = request(server, "POST", "/v1/completions",
+                                body={"model": MODEL, "prompt": "x", "max_tokens": 2}, content_type=content_type)
+        assert status == 200 and reply["usage"]["completion_tokens"] == 2, reply
+    got, error = error_of(server, "/v1/completions", raw=b"model=x&prompt=y",
+                          content_type="application/x-www-form-urlencoded")
+    assert got == 400 and "JSON" in error["message"] and "application/json" in error["message"]
+    got, error = error_of(server, "/v1/completions", raw=b"[1, 2]")
+    assert got == 400 and "JSON object" in error["message"]
+
+
+def test_a_lone_surrogate_gets_400_without_a_traceback(server, server_log):
+    """JSON's "\\ud800" decodes to a lone surrogate, which UTF-8 (the tokenizer's input, the
+    response's encoding) cannot carry."""
+    cases = [
+        ("/v1/completions", b'{"model": "gemma-mtp-demo", "prompt": "def \\ud800():", "max_tokens": 2}', "prompt"),
+        ("/v1/chat/completions", b'{"model": "gemma-mtp-demo", "messages": [{"role": "user", '
+                                 b'"content": "a\\udfffb"}], "max_tokens": 2}', "messages[0].content"),
+        ("/v1/completions", b'{"model": "gemma-\\ud800", "prompt": "x"}', "model"),
+        ("/v1/completions", b'{"model": "gemma-mtp-demo", "prompt": "x", "stop": ["\\ud83d"]}', "stop[0]"),
+    ]
+    for path, raw, param in cases:
+        got, error = error_of(server, path, raw=raw)
+        assert (got, error["param"], error["code"]) == (400, param, "invalid_unicode"), error
+    # a pair of surrogates is a character like any other
+    status, reply = request(server, "POST", "/v1/completions",
+                            raw=b'{"model": "gemma-mtp-demo", "prompt": "x = \\ud83d\\ude00", "max_tokens": 2}')
+    assert status == 200, reply
+    assert "Traceback" not in server_log.read_text()
+
+
+MAX_BODY = 16 << 20  # the server's default --max-body-bytes
+
+
+def test_a_body_over_the_limit_gets_413(server):
+    # by its Content-Length, answered before the body is sent
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(MAX_BODY + 1))
+    conn.endheaders()
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+    conn.close()
+    assert response.status == 413 and is_error_shape(reply) and reply["error"]["code"] == "request_too_large"
+    # chunked: no length, counted as it arrives
+    piece = b" " * (1 << 20)
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b'{"model": "gemma-mtp-demo", "prompt": "'] + [piece] * 17),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+    conn.close()
+    assert response.status == 413 and reply["error"]["code"] == "request_too_large"
+
+
+def test_a_huge_request_stalls_no_stream(server):
+    """A 10 MB prompt (just under the body limit) is parsed and encoded in worker threads; a stream
+    running meanwhile keeps sending (every gap under 0.5 s) and /health keeps answering."""
+    big = json.dumps({"model": MODEL, "prompt": "hello world " * 850_000, "max_tokens": 4}).encode()
+    assert 10_000_000 < len(big) < MAX_BODY
+    arrivals, health_seconds, stop = [], [], threading.Event()
+
+    def stream():
+        conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0,
+                                      "stream": True}).encode())
+        response = conn.getresponse()
+        for line in response:
+            if line.startswith(b"data: "):
+                arrivals.append(time.monotonic())
+            if stop.is_set():
+                break
+        conn.close()
+
+    def health():
+        while not stop.is_set():
+            start = time.monotonic()
+            request(server, "GET", "/health", timeout=10)
+            health_seconds.append(time.monotonic() - start)
+            time.sleep(0.1)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(arrivals) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        polling = threading.Thread(target=health)
+        polling.start()
+        begin = time.monotonic()
+        status, reply = request(server, "POST", "/v1/completions", raw=big, timeout=120)
+        end = time.monotonic()
+    finally:
+        stop.set()
+        streaming.join(timeout=60)
+    polling.join(timeout=30)
+    # refused once encoded: the prompt has millions of tokens
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+    assert arrivals and arrivals[-1] > end, "the stream ended before the big request did"
+    during = [t for t in arrivals if begin < t < end]
+    gaps = [b - a for a, b in zip([begin] + during, during + [end])]
+    assert max(gaps) < 0.5, (max(gaps), end - begin)
+    assert health_seconds and max(health_seconds) < 0.5, health_seconds
+    wait_idle(server)
 
 
 def wait_idle(port, timeout=20):
@@ -386,12 +535,93 @@ def test_tools_reach_the_chat_template(client, demo):
 
 
 def test_full_queue_answers_429():
-    worker = Worker(loader=None, max_queue=1)
+    """Beyond the queue and the batch's free rows (requests that arrive together at an idle server
+    pass through the queue at once)."""
+    worker = Worker(loader=None, max_batch=2, max_queue=1)
     job = Job([1], None, [], None, {}, None, None)
-    worker.submit(job)
+    for _ in range(3):
+        worker.submit(job)
     with pytest.raises(APIError) as e:
         worker.submit(job)
     assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
+    worker = Worker(loader=None, max_batch=2, max_queue=1)
+    worker.active = {0: job, 1: job}  # the batch is full: the queue alone
+    worker.submit(job)
+    with pytest.raises(APIError):
+        worker.submit(job)
+
+
+def test_429_says_when_to_come_back():
+    """Retry-After: when the queue has room if every row runs to its max_tokens at the recent time
+    per token; each refused client is told a later time than the one before, so that a flood does
+    not come back at once."""
+    import types
+
+    def job(max_tokens, generated=None):
+        text = None if generated is None else types.SimpleNamespace(count=generated)
+        return Job([1], None, [], None, {}, None, None, text=text, settings={"max_tokens": max_tokens},
+                   admitted=time.monotonic())
+
+    worker = Worker(loader=None, max_batch=2, max_queue=1)
+    worker.token_seconds = 0.1
+    worker.active = {0: job(30, generated=10), 1: job(50, generated=0)}  # free in 2 s and 5 s
+    worker.submit(job(20))  # the queue is full
+    waits = []
+    for _ in range(3):
+        with pytest.raises(APIError) as e:
+            worker.submit(job(20))
+        headers = e.value.response().headers
+        assert e.value.status == 429 and headers["retry-after"].isdigit() and int(headers["retry-after"]) >= 1
+        waits.append(int(headers["retry-after-ms"]))
+    # the queued request starts at 2 s (and ends at 4 s); the first refused client would start
+    # then, the next at 4 s, the one after at 5 s (each with the margin)
+    assert waits == [round(t * srv.RETRY_MARGIN) for t in (2000, 4000, 5000)]
+
+
+def get(app, path):
+    """(status, JSON body) of a GET through the ASGI app itself."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [], "http_version": "1.1", "scheme": "http", "server": ("test", 80),
+             "client": ("test", 1), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_health_without_proc(monkeypatch):
+    """macOS has no /proc: /health reports the peak resident memory from getrusage instead (and
+    nothing where that is missing too), never a 500."""
+    app = srv.create_app(Server(Worker(loader=None), MODEL))
+    monkeypatch.setattr(srv, "STATM", "/nonexistent/proc/self/statm")
+    status, body = get(app, "/health")
+    assert (status, body["status"]) == (503, "loading")  # the engine thread never started here
+    assert body["resident_bytes"] > 1 << 20
+    monkeypatch.setitem(sys.modules, "resource", None)  # no getrusage either (Windows)
+    status, body = get(app, "/health")
+    assert status == 503 and "resident_bytes" not in body and body["running"] == 0
+
+
+def test_warm_up_compiles_before_ready():
+    """The engine thread runs a short generation through each path (drafted and plain rounds, one
+    row and two, greedy and sampled with log-probabilities) before it is ready."""
+    worker = Worker(load_demo, num_draft_tokens=K, warm_up=True)
+    worker.start()
+    try:
+        assert worker.ready.wait(120) and worker.load_error is None
+        pair = worker.pair
+        assert worker.warm_up_seconds > 0 and pair._compiled_step is not None
+        assert len(pair._verify_fns) >= 4  # decode forwards of K + 1 and 1 tokens, for 1 row and 2
+        assert worker.state == "ok" and worker.encoder is not worker.tokenizer
+    finally:
+        worker.stop()
+        worker.join(timeout=30)
 
 
 def test_a_whole_reply_wakes_the_event_loop_once():
