@@ -60,6 +60,7 @@ from .errors import MTPError
 from .openai_schema import ChatCompletionRequest, CompletionRequest
 from .prompt_pool import PromptCachePool
 from .detokenize import IncrementalDecoder
+from .housekeeping import keep_weights_wired, release_cache
 from .serve_text import TextStream, ToolCallSplitter, chat_logprobs, completion_logprobs, split_tool_calls
 
 if TYPE_CHECKING:  # serve_requests imports this module (its errors, Job, Worker)
@@ -330,13 +331,20 @@ class Worker(threading.Thread):
             self.load_error = e
             self.ready.set()
             return
+        keep_weights_wired()
         self.ready.set()
+        released = False  # the warm-up's buffers go back once the loop first falls idle
         while not self.stopping:
             try:
-                self._drain(block=not self.active and not self.waiting and not self._pending())
+                idle = not self.active and not self.waiting and not self._pending()
+                if idle and not released:
+                    release_cache()  # what finished requests held goes back to the system, not MLX's pool
+                    released = True
+                self._drain(block=idle)
                 self._admit()
                 if self.active or self._pending():
                     self._step()
+                    released = False
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     self._cut_short()
             except Exception as e:  # a bug in the loop itself: fail what runs, start afresh

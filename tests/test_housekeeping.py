@@ -60,3 +60,22 @@ def test_a_long_prompt_releases_the_cache_between_prefill_chunks(demo, calls):
     prompt = tokenizer.encode("x = 1\n" * 100)
     generate(model, tokenizer, prompt, max_tokens=2, prefill_step_size=64)
     assert calls["clear"] >= len(prompt) // 64 - 1
+
+
+def test_the_server_keeps_weights_wired_and_releases_the_cache_when_idle(calls):
+    import time
+
+    from mlx_gemma_mtp.server import Worker
+
+    worker = Worker(load_demo, num_draft_tokens=2, warm_up=True)
+    worker.start()
+    try:
+        assert worker.ready.wait(120) and worker.load_error is None
+        assert calls["wired"] == [RECOMMENDED]  # raised once for the process, never lowered
+        deadline = time.monotonic() + 10
+        while not calls["clear"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert calls["clear"] >= 1  # the warm-up's buffers, released when the loop fell idle
+    finally:
+        worker.stop()
+        worker.join(timeout=30)
