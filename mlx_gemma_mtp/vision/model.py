@@ -85,22 +85,31 @@ def load_vision(folder: Path, config: dict | None = None) -> VisionModel | None:
         config = read_config(folder, "model")
     if not config.get("vision_config"):
         return None
-    if config.get("model_type") == "gemma4_unified":
-        module = UnifiedEmbedder(UnifiedArgs.from_config(config))
-    else:
-        module = TowerEmbedder(VisionArgs.from_config(config))
+    module = vision_module(config)
     weights = module.sanitize(read_vision_tensors(folder))
     if not weights:
         return None
-    quantize_as_stored(module, weights, config.get("quantization") or {})
+    fill(module, weights, config.get("quantization") or {}, folder)
+    mx.eval(module.parameters())
+    return VisionModel(module, PatchGeometry.from_config(config), ImageTokenIds.from_config(config))
+
+
+def vision_module(config: dict) -> nn.Module:
+    """The empty image encoder for a checkpoint's config (one with a `vision_config`)."""
+    if config.get("model_type") == "gemma4_unified":
+        return UnifiedEmbedder(UnifiedArgs.from_config(config))
+    return TowerEmbedder(VisionArgs.from_config(config))
+
+
+def fill(module: nn.Module, weights: dict, quantization: dict, folder: Path) -> None:
+    """Load sanitized `weights` into `module`, quantized where they are stored quantized."""
+    quantize_as_stored(module, weights, quantization)
     weights = with_default_clip_bounds(module, weights)
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         detail = " ".join(str(e).split())
         raise MTPError(f"vision weights in '{folder}' do not match its vision_config: {detail[:300]}") from None
-    mx.eval(module.parameters())
-    return VisionModel(module, PatchGeometry.from_config(config), ImageTokenIds.from_config(config))
 
 
 def read_vision_tensors(folder: Path) -> dict[str, mx.array]:
