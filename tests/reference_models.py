@@ -685,28 +685,51 @@ def checkpoint_shapes(model_dir) -> dict[str, tuple[tuple[int, ...], str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def write_mlx_community_target(mlx_target_dir, hf_target_dir, out_dir) -> Path:
+VISION_PARTS = ("vision_tower.", "embed_vision.", "vision_embedder.")
+
+
+def write_mlx_community_target(mlx_target_dir, hf_target_dir, out_dir, *, vision_bits: int | None = None,
+                               vision_group_size: int = 32) -> Path:
     """An mlx-vlm conversion of a target: the mlx-lm text weights (`language_model.model.*`) of
     `mlx_target_dir`, plus the vision and audio towers under `vision_tower.*` / `audio_tower.*` /
     `embed_vision.*` / `embed_audio.*` from the Hugging Face checkpoint, Google's config with
-    `vision_config` / `audio_config`, and `quantization_config` beside `quantization`."""
+    `vision_config` / `audio_config`, and `quantization_config` beside `quantization`.
+
+    With `vision_bits`, every vision linear whose input size the group divides is stored affine
+    quantized (`weight`/`scales`/`biases`) and named in `quantization` with its own group size, the
+    way mlx-vlm records per-module settings (the miniature's 32-wide layers need groups of 32)."""
     import mlx.core as mx
 
     src, hf, out = Path(mlx_target_dir), Path(hf_target_dir), _fresh_dir(out_dir)
     weights = {}
     for f in sorted(src.glob("model*.safetensors")):
-        weights.update(mx.load(str(f)))
+        # the text part only: the towers come from the Hugging Face checkpoint below
+        weights.update({k: v for k, v in mx.load(str(f)).items() if not k.startswith(VISION_PARTS)})
     towers = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
               "model.vision_embedder.")
+    per_module = {}
     for f in sorted(hf.glob("model*.safetensors")):
         for name, value in mx.load(str(f)).items():
-            if name.startswith(towers):
-                weights[name[len("model."):]] = value
+            if not name.startswith(towers):
+                continue
+            name = name[len("model."):]
+            quantizable = name.endswith(".weight") and value.ndim == 2 and value.shape[-1] % vision_group_size == 0
+            if vision_bits and name.startswith(VISION_PARTS) and quantizable:
+                base = name[: -len(".weight")]
+                weights[name], weights[base + ".scales"], weights[base + ".biases"] = mx.quantize(
+                    value, group_size=vision_group_size, bits=vision_bits
+                )
+                per_module[base] = {"group_size": vision_group_size, "bits": vision_bits}
+            else:
+                weights[name] = value
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = json.loads((hf / "config.json").read_text())
     mlx_config = json.loads((src / "config.json").read_text())
-    if "quantization" in mlx_config:
-        config["quantization"] = config["quantization_config"] = mlx_config["quantization"]
+    quantization = dict(mlx_config.get("quantization") or {})
+    if per_module:
+        quantization = {"group_size": QUANT_GROUP, "bits": vision_bits, **quantization, **per_module}
+    if quantization:
+        config["quantization"] = config["quantization_config"] = quantization
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(src / name, out / name)

@@ -35,7 +35,7 @@ from mlx_gemma_mtp.errors import MTPError
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_SOFT_TOKENS = 280  # the reference processor's default
 MAX_IMAGE_PIXELS = 8192 * 8192  # 67M pixels, 201 MB as RGB; the largest budget resizes to 2.6M
-ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")  # MPO: many phones' JPEGs
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes phones' MPO files
 
 # transformers' Gemma4Config defaults, the real checkpoints' ids
 DEFAULT_IMAGE_TOKEN_ID = 258880
@@ -103,6 +103,8 @@ def load_image(image):
         return image
     if isinstance(image, (bytes, bytearray, memoryview)):
         source, what = io.BytesIO(bytes(image)), "image data"
+        if not source.getbuffer().nbytes:
+            raise MTPError("image data is empty")
     elif isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         what = f"image '{path}'"
@@ -122,10 +124,14 @@ def load_image(image):
         with warnings.catch_warnings():
             # Pillow warns between its own limit and twice it; ours is lower and checked below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source, formats=ALLOWED_FORMATS)
+            Image.init()
+            img = Image.open(source, formats=[f for f in ALLOWED_FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError:
         raise MTPError(f"{what} is too large (a decompression bomb?): over {MAX_IMAGE_PIXELS} pixels") from None
     except UnidentifiedImageError:
+        known = signature_format(source.getvalue()[:16])
+        if known:  # Pillow gives up on a broken header the same way as on a foreign file
+            raise MTPError(f"{what} is a corrupt {known} file: its header cannot be decoded") from None
         raise MTPError(f"{what} is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MTPError(f"{what} is corrupt: {_reason(e)}") from None
@@ -140,6 +146,17 @@ def load_image(image):
         return ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise MTPError(f"{what} is truncated or corrupt: {_reason(e)}") from None
+
+
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+              b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def signature_format(head: bytes) -> str | None:
+    """The allowed format whose magic bytes `head` starts with, if any."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in SIGNATURES.items() if head.startswith(magic)), None)
 
 
 def _reason(e: Exception) -> str:
