@@ -266,6 +266,16 @@ def test_soft_tokens_match_get_image_features(variant, budget, vision, reference
         np.testing.assert_allclose(np.array(ours), ref, atol=ATOL, rtol=0)
 
 
+def test_attention_in_query_chunks_is_the_same(vision, monkeypatch):
+    import mlx_gemma_mtp.vision.encoder as encoder
+
+    image = vision("26b").prepare(noise_image(300, 200), 140)  # 1260 patches
+    [whole] = vision("26b").encode([image])
+    monkeypatch.setattr(encoder, "QUERY_CHUNK", 500)
+    [chunked] = vision("26b").encode([image])
+    np.testing.assert_allclose(np.array(chunked), np.array(whole), atol=1e-6, rtol=0)
+
+
 def test_encode_refuses_an_image_prepared_for_another_model(vision):
     image = vision("e2b").prepare(noise_image(300, 200), 70)
     with pytest.raises(MTPError, match="prepare it with this model's prepare"):
@@ -348,6 +358,19 @@ def test_quantized_vision_loads_and_runs(variant, target, vision, converted, tmp
     for q, d, f in zip(quantized.encode(images), dequantized.encode(images), vision(variant).encode(images)):
         np.testing.assert_allclose(np.array(q), np.array(d), atol=1e-4, rtol=0)
         # 4 bits on random weights: about 0.3 relative RMS against the float model (measured 0.1-0.3)
+        assert float(mx.sqrt(((q - f) ** 2).mean() / (f**2).mean())) < 0.5
+
+
+def test_converter_quantizes_embed_vision_and_keeps_the_tower(target, vision, tmp_path):
+    from mlx_gemma_mtp.convert import convert, quant_spec
+
+    # mxfp4's groups of 32 fit the miniature's 32-wide embed_vision (affine's 64 do not)
+    convert(str(target("e2b")), tmp_path / "p", quantization=quant_spec(None, None, "mxfp4"), progress=False)
+    quantized = load_vision(tmp_path / "p" / "target")
+    layers = [p for p, m in quantized.module.named_modules() if type(m).__name__ == "QuantizedLinear"]
+    assert layers == ["embed_vision.embedding_projection"]
+    images = [quantized.prepare(noise_image(w, h), 70) for w, h in ENCODE_SIZES]
+    for q, f in zip(quantized.encode(images), vision("e2b").encode(images)):
         assert float(mx.sqrt(((q - f) ** 2).mean() / (f**2).mean())) < 0.5
 
 

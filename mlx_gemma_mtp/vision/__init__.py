@@ -25,14 +25,18 @@ an image into the text model, for whoever builds the prefill:
   merged embeddings (soft tokens included): `norm(per_layer_model_projection(h) / sqrt(hidden))`,
   then `(projection + token part) / sqrt(2)`.
 - Feeding mlx-lm 0.32.2's gemma4 (`model(ids, cache, input_embeddings=, per_layer_inputs=)`): it
-  multiplies `input_embeddings` by sqrt(hidden) itself, so pass text rows unscaled and image rows
-  as `soft_tokens / sqrt(hidden)`; pass `per_layer_inputs` = the token part only
-  (`language_model.model._get_per_layer_inputs(ids_with_pad)`, [B, L, layers, ple_dim]); mlx-lm adds
-  the projection of the merged embeddings itself. Do not pass the raw image ids: 258880 is a valid
-  per-layer-embedding row, just the wrong one.
-- Attention over image tokens, when `text_config.use_bidirectional_attention == "vision"` (the 12B
-  always; the 26B/31B if their config says so; the E2B/E4B leave it unset: all causal). A block is a
-  run of consecutive `image_token_id` positions (boi/eoi are not in it), i.e. one image:
+  multiplies `input_embeddings` by sqrt(hidden) itself (a Python float, so rounded to the
+  embeddings' dtype), so pass text rows unscaled and image rows as
+  `soft_tokens / mx.array(sqrt(hidden), dtype)`: the product gives back the soft tokens up to one
+  rounding. For the per-layer token part pass the ids with `pad_token_id` at the image positions
+  (mlx-lm embeds them when `per_layer_inputs` is None), or `per_layer_inputs` =
+  `language_model.model._get_per_layer_inputs(ids_with_pad)` [B, L, layers, ple_dim]; either way
+  mlx-lm adds the projection of the merged embeddings itself. Never the raw image ids: 258880 is a
+  valid per-layer-embedding row, just the wrong one.
+- Attention over image tokens, when `text_config.use_bidirectional_attention == "vision"` (the
+  12B's default; read it from the config for the others: transformers says the small models leave
+  it unset, i.e. all causal) and the processor's `mm_token_type_ids` is passed (the normal path).
+  A block is a run of consecutive `image_token_id` positions (boi/eoi are not in it), i.e. one image:
   * towers (`Gemma4Model`): full-attention layers stay causal; sliding layers allow
     (causal OR same block) AND inside the sliding window.
   * 12B (`Gemma4UnifiedModel.forward`): the block is OR-ed into every layer's mask, after the

@@ -26,6 +26,7 @@ from mlx_gemma_mtp.errors import MTPError
 
 ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+QUERY_CHUNK = 2048  # patches per attention call (1120 soft tokens are 10080 patches)
 
 
 @dataclass
@@ -136,8 +137,14 @@ class Attention(nn.Module):
         v = mx.fast.rms_norm(v, None, self.eps)  # v is normalized too, without a weight
         q = apply_rope_2d(q, cos, sin).transpose(0, 2, 1, 3)
         k = apply_rope_2d(k, cos, sin).transpose(0, 2, 1, 3)
-        # every patch sees every patch; the q/k norms replace the 1/sqrt(d) scale
-        out = mx.fast.scaled_dot_product_attention(q, k, v.transpose(0, 2, 1, 3), scale=1.0)
+        v = v.transpose(0, 2, 1, 3)
+        # every patch sees every patch; the q/k norms replace the 1/sqrt(d) scale. Queries go in
+        # chunks: a head dim without a fused kernel (the 26B's 72) builds the whole score matrix,
+        # 10080^2 per head at the largest budget.
+        out = mx.concatenate([
+            mx.fast.scaled_dot_product_attention(q[:, :, i:i + QUERY_CHUNK], k, v, scale=1.0)
+            for i in range(0, length, QUERY_CHUNK)
+        ], axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
