@@ -133,7 +133,7 @@ def load_image(image):
         if known:  # Pillow gives up on a broken header the same way as on a foreign file
             raise MTPError(f"{what} is a corrupt {known} file: its header cannot be decoded") from None
         raise MTPError(f"{what} is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # untrusted bytes: Pillow's plugins fail in many ways (struct.error, ...)
         raise MTPError(f"{what} is corrupt: {_reason(e)}") from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise MTPError(
@@ -144,7 +144,7 @@ def load_image(image):
     try:
         img.load()
         return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Exception as e:  # as above, and a broken EXIF block fails exif_transpose
         raise MTPError(f"{what} is truncated or corrupt: {_reason(e)}") from None
 
 
