@@ -31,7 +31,7 @@ from mlx_gemma_mtp.drafter import load_drafter, save_drafter
 from mlx_gemma_mtp.errors import MTPError
 
 from .draft import quantize_drafter
-from .target import build_target, quantize, save_target
+from .target import build_target, build_vision, quantize, quantize_vision, save_target, save_vision
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 MODE_DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "mxfp8": (8, 32)}
@@ -97,7 +97,8 @@ def convert(
 
     # 1. Everything that can fail on bad input, before touching the output.
     target_dir = resolve_source(target, "target")
-    target_config = normalize_target_config(read_config(target_dir, "target"))
+    raw_target_config = read_config(target_dir, "target")
+    target_config = normalize_target_config(raw_target_config)
     target_files = weight_files(target_dir, "target")
     require_tokenizer(target_dir)
     draft_dir = draft_config = None
@@ -115,6 +116,7 @@ def convert(
 
     dtype = dtype or source_dtype(target_config)
     target_model = build_target(target_files, target_config, DTYPES[dtype])
+    vision_model = build_vision(target_dir, raw_target_config, DTYPES[dtype])
     draft_model = None
     if draft_dir is not None:
         draft_model, raw_draft_config = load_drafter(draft_dir)
@@ -130,6 +132,10 @@ def convert(
             )
         materialize(target_model, "target", progress)
         save_target(target_model, target_config, target_dir, tmp / "target")
+        if vision_model is not None:
+            if quantization is not None:
+                quantize_vision(vision_model, quantization.bits, quantization.group_size, quantization.mode)
+            save_vision(vision_model, raw_target_config["vision_config"], tmp / "target")
         target_part = part_record("target", target, target_config, dtype, quantization, target_model)
         draft_part = None
         if draft_model is not None:

@@ -2,11 +2,13 @@
 
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models import gemma4, gemma4_text
 from mlx_lm.utils import quantize_model, save_config, save_model
 
@@ -72,3 +74,55 @@ def save_target(model: nn.Module, config: dict, source: Path, out: Path) -> None
             shutil.copy(source / name, out / name)
     if not (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").is_file():
         raise MTPError(f"target '{source}' has no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+# --- vision ------------------------------------------------------------------------------------
+
+VISION_FILE = "model-vision.safetensors"  # mlx-lm reads model*.safetensors and drops these names
+
+
+def build_vision(source: Path, config: dict, dtype: mx.Dtype):
+    """The source's image encoder (`raw` config, with its vision_config), cast to `dtype`; None
+    for a model without one. Built, and so checked, before anything is written."""
+    from mlx_gemma_mtp.vision.model import fill, read_vision_tensors, vision_module
+
+    if not config.get("vision_config"):
+        return None
+    module = vision_module(config)
+    weights = module.sanitize(read_vision_tensors(source))
+    if not weights:
+        return None
+    fill(module, weights, config.get("quantization") or {}, source)
+    module.update(cast_floats(module.parameters(), dtype))
+    return module
+
+
+def quantize_vision(module: nn.Module, bits: int, group_size: int, mode: str) -> None:
+    """As mlx-vlm converts: the projections into the text model (`embed_vision`, the 12B's
+    `vision_embedder`) quantized like the text, the vision tower kept in full precision."""
+
+    def projection(path: str, layer: nn.Module) -> bool:
+        return (
+            path.startswith(("embed_vision.", "vision_embedder."))
+            and hasattr(layer, "to_quantized")
+            and layer.weight.shape[-1] % group_size == 0
+        )
+
+    nn.quantize(module, group_size, bits, mode=mode, class_predicate=projection)
+
+
+def save_vision(module: nn.Module, vision_config: dict, out: Path) -> None:
+    """The vision tensors under mlx-community's names, in one more shard of the target folder,
+    and the vision_config back in its config.json (normalizing for mlx-lm drops it)."""
+    weights = dict(tree_flatten(module.parameters()))
+    mx.save_safetensors(str(out / VISION_FILE), weights, metadata={"format": "mlx"})
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({name: VISION_FILE for name in weights})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + sum(v.nbytes for v in weights.values())
+    index_path.write_text(json.dumps(index, indent=4))
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vision_config"] = vision_config
+    config_path.write_text(json.dumps(config, indent=4, sort_keys=True))

@@ -38,6 +38,7 @@ DRAFT_INTERMEDIATE = 128
 EMBED_ROW_NORM = 3.0  # logits = h . e with |h| ~ sqrt(hidden): std ~3, median top-2 margin ~0.7
 LAYER_SCALAR_LOW = 0.3
 TARGET_SHARDS = 3  # aim for about this many shards per target, like the multi-file uploads
+VISION_POSITIONS = 512  # vision position table length (real: 10240 for the towers, 1120 for the 12B)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class VariantSpec:
     # repeated token, low enough that float32 logits stay within ~5e-5 of float64 (tuned per variant:
     # larger gains make attention so peaked that float32 rounding grows to 1e-3 and beyond).
     qk_norm_gain: float = 1.25
+    # Vision tower options of the real checkpoints: E2B/E4B clip their linears' inputs and outputs,
+    # 26B/31B also standardize the pooled features (std_bias/std_scale); 72 is the 26B's head dim,
+    # not a power of two, so the 26B miniature uses 12.
+    vision_clipped: bool = False
+    vision_standardize: bool = False
+    vision_head_dim: int = 16
 
     @property
     def k_eq_v(self) -> bool:
@@ -101,12 +108,12 @@ SPECS = {
     "e2b": VariantSpec(
         name="e2b", num_layers=10, sliding_per_full=4, num_heads=4, num_kv_heads=1, intermediate=128,
         sliding_window=16, ple_dim=16, kv_shared=4, double_wide_mlp=True, audio=True,
-        centroid_head=True, unused_shared_kv=True, qk_norm_gain=1.0,
+        centroid_head=True, unused_shared_kv=True, qk_norm_gain=1.0, vision_clipped=True,
     ),
     "e4b": VariantSpec(
         name="e4b", num_layers=12, sliding_per_full=5, num_heads=4, num_kv_heads=2, intermediate=96,
         sliding_window=16, ple_dim=8, kv_shared=4, double_wide_mlp=True, audio=True, centroid_head=True,
-        qk_norm_gain=0.8,
+        qk_norm_gain=0.8, vision_clipped=True,
     ),
     "12b": VariantSpec(
         name="12b", num_layers=6, sliding_per_full=5, num_heads=4, num_kv_heads=2, intermediate=128,
@@ -115,11 +122,12 @@ SPECS = {
     "26b": VariantSpec(
         name="26b", num_layers=6, sliding_per_full=5, num_heads=4, num_kv_heads=2, intermediate=64,
         sliding_window=24, num_global_kv_heads=1, moe=MoESpec(num_experts=4, top_k=2, intermediate=32),
-        qk_norm_gain=1.25,
+        qk_norm_gain=1.25, vision_clipped=True, vision_standardize=True, vision_head_dim=12,
     ),
     "31b": VariantSpec(
         name="31b", num_layers=6, sliding_per_full=5, num_heads=4, num_kv_heads=2, intermediate=160,
-        sliding_window=24, num_global_kv_heads=1, qk_norm_gain=1.4,
+        sliding_window=24, num_global_kv_heads=1, qk_norm_gain=1.4, vision_clipped=True,
+        vision_standardize=True,
     ),
 }
 
@@ -179,16 +187,23 @@ def _target_config(spec: VariantSpec):
     if spec.unified:
         return tf.Gemma4UnifiedConfig(
             text_config=tf.Gemma4UnifiedTextConfig(**_text_config_kwargs(spec)),
-            # encoder-free: patches go straight into embed_vision (4x4x3 = 48 raw values per patch)
+            # encoder-free: 3x3 groups of 2-px patches go straight into embed_vision (6x6x3 = 108 raw
+            # values per merged patch, as 48x48x3 on the real model); the position table covers the
+            # longest side (in merged patches) of any image at soft-token budgets up to 140.
             vision_config=tf.Gemma4UnifiedVisionConfig(
-                patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32
+                patch_size=2, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=VISION_POSITIONS // 2,
+                output_proj_dims=32,
             ),
             audio_config=tf.Gemma4UnifiedAudioConfig(audio_embed_dim=32),
             tie_word_embeddings=True,
         )
+    # 4-px patches pooled 3x3 as on the real models (16-px patches); the position table covers the
+    # longest side (budget x 3 patches, a 1-patch-high strip) of any image at budgets up to 140.
     vision = tf.Gemma4VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=16, pooling_kernel_size=2, patch_size=4, position_embedding_size=16,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=spec.vision_head_dim, pooling_kernel_size=3, patch_size=4,
+        position_embedding_size=VISION_POSITIONS, use_clipped_linears=spec.vision_clipped,
+        standardize=spec.vision_standardize,
     )
     audio = None
     if spec.audio:
@@ -670,28 +685,51 @@ def checkpoint_shapes(model_dir) -> dict[str, tuple[tuple[int, ...], str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def write_mlx_community_target(mlx_target_dir, hf_target_dir, out_dir) -> Path:
+VISION_PARTS = ("vision_tower.", "embed_vision.", "vision_embedder.")
+
+
+def write_mlx_community_target(mlx_target_dir, hf_target_dir, out_dir, *, vision_bits: int | None = None,
+                               vision_group_size: int = 32) -> Path:
     """An mlx-vlm conversion of a target: the mlx-lm text weights (`language_model.model.*`) of
     `mlx_target_dir`, plus the vision and audio towers under `vision_tower.*` / `audio_tower.*` /
     `embed_vision.*` / `embed_audio.*` from the Hugging Face checkpoint, Google's config with
-    `vision_config` / `audio_config`, and `quantization_config` beside `quantization`."""
+    `vision_config` / `audio_config`, and `quantization_config` beside `quantization`.
+
+    With `vision_bits`, every vision linear whose input size the group divides is stored affine
+    quantized (`weight`/`scales`/`biases`) and named in `quantization` with its own group size, the
+    way mlx-vlm records per-module settings (the miniature's 32-wide layers need groups of 32)."""
     import mlx.core as mx
 
     src, hf, out = Path(mlx_target_dir), Path(hf_target_dir), _fresh_dir(out_dir)
     weights = {}
     for f in sorted(src.glob("model*.safetensors")):
-        weights.update(mx.load(str(f)))
+        # the text part only: the towers come from the Hugging Face checkpoint below
+        weights.update({k: v for k, v in mx.load(str(f)).items() if not k.startswith(VISION_PARTS)})
     towers = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
               "model.vision_embedder.")
+    per_module = {}
     for f in sorted(hf.glob("model*.safetensors")):
         for name, value in mx.load(str(f)).items():
-            if name.startswith(towers):
-                weights[name[len("model."):]] = value
+            if not name.startswith(towers):
+                continue
+            name = name[len("model."):]
+            quantizable = name.endswith(".weight") and value.ndim == 2 and value.shape[-1] % vision_group_size == 0
+            if vision_bits and name.startswith(VISION_PARTS) and quantizable:
+                base = name[: -len(".weight")]
+                weights[name], weights[base + ".scales"], weights[base + ".biases"] = mx.quantize(
+                    value, group_size=vision_group_size, bits=vision_bits
+                )
+                per_module[base] = {"group_size": vision_group_size, "bits": vision_bits}
+            else:
+                weights[name] = value
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = json.loads((hf / "config.json").read_text())
     mlx_config = json.loads((src / "config.json").read_text())
-    if "quantization" in mlx_config:
-        config["quantization"] = config["quantization_config"] = mlx_config["quantization"]
+    quantization = dict(mlx_config.get("quantization") or {})
+    if per_module:
+        quantization = {"group_size": QUANT_GROUP, "bits": vision_bits, **quantization, **per_module}
+    if quantization:
+        config["quantization"] = config["quantization_config"] = quantization
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(src / name, out / name)
