@@ -33,11 +33,21 @@ times that when `gap` slower, at most `max_explore_every`): a neighbour close to
 the best, one far below it costs each round it runs (benchmarks/adaptive_replay.py: measuring a
 neighbour 30% slower every 32 rounds cost 3% at B = 1). Plain decoding as K = 1's neighbour is
 measured every `explore_every` rounds per neighbour, however slow it looks. Pure Python and
-O(max_k^2) per round: no MLX calls, nothing to synchronize.
+O(max_k^2) per round: no MLX calls, nothing to synchronize. Its state is bounded: a server runs one
+controller per batch size for as long as it serves.
+
+The engine is given its draft lengths as a `DraftPolicies` (end of this module): the policy for
+rounds of B rows, by `for_batch(B)`. `EveryBatch(FixedDraft(k))` is a constant K; `AdaptivePolicies`
+keeps an `AdaptiveDraft` per B (Pair.adaptive, so what it learns carries over between calls); under
+mlx.launch the pair's are agreed across the ranks (sharding.agreed_policies).
 """
 
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+HISTORY = 256  # the last K chosen that a controller keeps, for reports
 
 
 @dataclass
@@ -64,14 +74,16 @@ class AdaptiveDraft:
 
     reached: list = field(init=False)  # decayed count of rounds that drafted position i
     accepted: list = field(init=False)  # ... and accepted it
-    rounds: int = field(default=0, init=False)
-    history: list = field(default_factory=list, init=False)  # chosen K per round, for reports
+    rounds: int = field(default=0, init=False)  # rounds observed
+    chosen: int = field(default=0, init=False)  # rounds chosen: the clock of the exploring schedule
+    history: deque = field(init=False)  # the last HISTORY K chosen, for reports
 
     def __post_init__(self):
         if self.max_k < 1:
             raise ValueError("max_k must be at least 1")
         self.reached = [0.0] * self.max_k
         self.accepted = [0.0] * self.max_k
+        self.history = deque(maxlen=HISTORY)
         # cost fit over drafting rounds: decayed sums of w, k, k^2, t, k*t
         self._sw = self._sk = self._skk = self._st = self._skt = 0.0
         self._plain_w = self._plain_t = 0.0
@@ -81,7 +93,7 @@ class AdaptiveDraft:
         self._k_times = {}  # per K: its last `cost_window` round times
         self._since_explore = 0
         self._explored = 0  # measurements of unmeasured neighbours so far: alternates between the two sides
-        self._explored_at = {}  # per K: the round (index into history) it was last measured as a neighbour
+        self._explored_at = {}  # per K: the round (of `chosen`) it was last measured as a neighbour
         self._exploring = (0, 0)  # (the neighbour being measured, rounds of it still to run)
         self._current = 0  # the K in force: chosen on its merits or probing (not a neighbour's measurement)
         self._plain_tries = 0  # plain rounds chosen to measure t(0) before any was timed
@@ -158,7 +170,7 @@ class AdaptiveDraft:
         max_k = min(max_k, self.max_k)
         if max_k <= 0:
             return 0
-        if self.history and self._plain_w == 0 and self._plain_tries < self.plain_tries:
+        if self.chosen and self._plain_w == 0 and self._plain_tries < self.plain_tries:
             # from the second round, plain rounds until one is timed: t(0) anchors the costs. More
             # than one: the first rounds of a pipeline are not timed, and on a CPU, where queued
             # rounds overlap, a lone plain round between drafting ones is timed with some of their cost
@@ -183,7 +195,7 @@ class AdaptiveDraft:
             self._since_explore += 1
             k = self._neighbour_due(best, rates, max_k)
             if k is not None:  # now and then measure a neighbour, so the per-K costs stay current
-                self._since_explore, self._explored_at[k] = 0, len(self.history)
+                self._since_explore, self._explored_at[k] = 0, self.chosen
                 self._exploring = (k, self.explore_rounds - 1)
                 return self._pick(k)
             return self._pick(best)
@@ -217,11 +229,12 @@ class AdaptiveDraft:
             every = min(2 * self.explore_every * (1 + (gap / self.explore_gap) ** 2), self.max_explore_every)
             if n == 0:  # plain decoding is not spared for looking slow: that is what may be wrong
                 every = len(neighbours) * self.explore_every
-            overdue[n] = len(self.history) - self._explored_at.get(n, 0) - every
+            overdue[n] = self.chosen - self._explored_at.get(n, 0) - every
         n = max(overdue, key=overdue.get)
         return n if overdue[n] >= 0 else None
 
     def _pick(self, k: int) -> int:
+        self.chosen += 1
         self.history.append(k)
         return k
 
@@ -265,3 +278,76 @@ def controller_for(controllers: dict, batch_size: int, max_k: int = 8) -> Adapti
             policy.learn_acceptance(controllers[min(controllers, key=lambda b: abs(b - batch_size))])
         controllers[batch_size] = policy
     return controllers[batch_size]
+
+
+# --- the engine's draft-length policies ----------------------------------------------------------
+
+
+class DraftPolicy(Protocol):
+    """One round's draft length: `choose` before the round is built, `observe` once it is read
+    (K drafted, accepted per row, its seconds or None when the engine could not time it)."""
+
+    def choose(self, max_k: int) -> int: ...
+
+    def observe(self, k: int, accepted, seconds: Optional[float]) -> None: ...
+
+
+class DraftPolicies(Protocol):
+    """What the engine is given: the policy for rounds of `batch_size` rows."""
+
+    def for_batch(self, batch_size: int) -> DraftPolicy: ...
+
+
+@dataclass
+class FixedDraft:
+    """A constant K."""
+
+    k: int
+
+    def choose(self, max_k: int) -> int:
+        return min(self.k, max_k)
+
+    def observe(self, k: int, accepted, seconds: Optional[float]) -> None:
+        pass
+
+
+@dataclass
+class EveryBatch:
+    """One policy at every batch size: a FixedDraft, or a caller's own policy."""
+
+    policy: DraftPolicy
+
+    def for_batch(self, batch_size: int) -> DraftPolicy:
+        return self.policy
+
+
+class AdaptivePolicies:
+    """An AdaptiveDraft per batch size (`controller_for`). `wrap`, if given, wraps each controller
+    once, as it is made: what `for_batch` hands out is always the wrapped one (sharding: under
+    mlx.launch every rank's controllers learn from rank 0's round times)."""
+
+    def __init__(self, max_k: int = 8, wrap: Optional[Callable] = None):
+        self.max_k = max_k
+        self._wrap = wrap
+        self._controllers: dict = {}  # batch size -> AdaptiveDraft
+        self._policies: dict = {}  # batch size -> what the engine drives: the controller, wrapped
+
+    def for_batch(self, batch_size: int) -> DraftPolicy:
+        policy = self._policies.get(batch_size)
+        if policy is None:
+            controller = controller_for(self._controllers, batch_size, self.max_k)
+            policy = controller if self._wrap is None else self._wrap(controller)
+            self._policies[batch_size] = policy
+        return policy
+
+    def controller(self, batch_size: int) -> Optional[AdaptiveDraft]:
+        """The controller of rounds of `batch_size` rows, None before any ran (reports, tests)."""
+        return self._controllers.get(batch_size)
+
+    def batch_sizes(self) -> list:
+        return sorted(self._controllers)
+
+    def clear(self) -> None:
+        """Forget everything learnt (benchmarks and tests that need a fresh start)."""
+        self._controllers.clear()
+        self._policies.clear()

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import Pair, Stats
-from .adaptive import AdaptiveDraft, controller_for
+from .adaptive import AdaptiveDraft, AdaptivePolicies, EveryBatch
 from .blas import openblas_loaded
 from .cache import concat_rows, reserve, set_offset
 from .decode import HOT_SHAPE
@@ -464,19 +464,20 @@ class BatchRun:
 
 
 def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipelined: bool = True,
-              controllers: Optional[dict] = None, max_k: int = 8) -> BatchRun:
+              controllers: Optional[AdaptivePolicies] = None) -> BatchRun:
     """The prompts as rows of one batch (greedy); timed from the moment every row has joined.
-    `k`: a draft length, "adaptive" (with `controllers`, the adaptive policy's controllers per
-    batch size: the engine's own are the pair's) or a policy object used at every batch size."""
+    `k`: a draft length, "adaptive" (with `controllers`, adaptive policies per batch size of the
+    caller's: the engine's own are the pair's) or a policy object used at every batch size."""
     from .engine import Engine, Request
 
     fresh_memory()
-    eng = Engine(pair, k if not hasattr(k, "choose") else 0, pipelined=pipelined)
     if hasattr(k, "choose"):
-        eng._policy = lambda batch_size: k
+        policies = EveryBatch(k)
     elif k == "adaptive" and controllers is not None:
-        # as the engine does: rows that finish early leave a smaller B, whose rounds cost less
-        eng._policy = lambda batch_size: controller_for(controllers, batch_size, max_k)
+        policies = controllers  # as the engine's: rows that finish early leave a smaller B, whose rounds cost less
+    else:
+        policies = None
+    eng = Engine(pair, k if policies is None else 0, pipelined=pipelined, policies=policies)
     eng.trace = []
     uids = [eng.insert(p, Request(max_tokens, Sampling(), frozenset(), None, f)) for p, f in zip(prompts, filters)]
     stats = [eng.rows[u].stats for u in uids]
@@ -519,12 +520,12 @@ def bench_batches(pair: Pair, prompts: list, opts: BenchOptions, batches: list, 
     settings = [0] + list(opts.ks) + (["adaptive"] if opts.adaptive else [])
     # the adaptive policy's controllers per B, kept across repeats as the engine keeps them on the
     # pair; read-then-queue rounds are timed differently: they keep their own
-    controllers = {"pipelined": {}, "unpipelined": {}}
     max_k = max(opts.ks + [8])
+    controllers = {"pipelined": AdaptivePolicies(max_k), "unpipelined": AdaptivePolicies(max_k)}
 
     def run(rows, k, row_filters, pipelined=True, tokens=opts.tokens):
         return run_batch(pair, rows, tokens, k, row_filters, pipelined,
-                         controllers["pipelined" if pipelined else "unpipelined"], max_k)
+                         controllers["pipelined" if pipelined else "unpipelined"])
 
     def sequential(rows, row_filters, k):  # the rows one after another, as one run
         singles = [run([p], k, [f]) for p, f in zip(rows, row_filters)]

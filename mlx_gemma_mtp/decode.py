@@ -11,6 +11,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .adaptive import AdaptivePolicies
 from .cache import REUSE_ROLLBACK, set_offset
 from .drafter import Drafter
 from .target import TargetView, target_view
@@ -30,7 +31,7 @@ class Pair:
     target: nn.Module  # mlx-lm Gemma 4 model
     drafter: Optional[Drafter] = None
     # the adaptive draft policy per batch size (engine.py): what it learns carries over between calls
-    adaptive: dict = field(default_factory=dict, repr=False)
+    adaptive: AdaptivePolicies = field(default_factory=AdaptivePolicies, repr=False)
     compile_draft: bool = True  # run the draft step through mx.compile (False: eager)
     compile_verify: bool = True  # run the target's decode forward through mx.compile (False: eager)
     target_config: Optional[dict] = field(default=None, repr=False)  # normalized (config.py)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from .adaptive import controller_for
+from .adaptive import DraftPolicies, EveryBatch, FixedDraft
 from .cache import concat_rows, reserve, set_offset, take_rows
 from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
 from .housekeeping import RELEASE_EVERY, generation_stream, release_cache
@@ -104,24 +104,24 @@ class Round:
     cold: bool = False  # a forward of it ran eagerly or was traced (Pair.cold_forwards): not timed
 
 
-class FixedDraft:
-    """The draft-length policy for a constant K."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def choose(self, max_k: int) -> int:
-        return min(self.k, max_k)
-
-    def observe(self, k: int, accepted, seconds: float) -> None:
-        pass
+def draft_policies(pair: Pair, num_draft_tokens) -> DraftPolicies:
+    """The policies for a K or "adaptive": the pair's adaptive ones, so what they learn carries
+    over between calls (under mlx.launch they agree across the ranks: sharding.agreed_policies)."""
+    if num_draft_tokens == "adaptive":
+        return pair.adaptive
+    return EveryBatch(FixedDraft(num_draft_tokens))
 
 
 class Engine:
+    """`policies` (adaptive.DraftPolicies) gives each round's K by batch size; by default, those
+    of `num_draft_tokens` (`draft_policies`). Under mlx.launch every rank must choose the same K:
+    a FixedDraft and the pair's adaptive policies do, a caller's own policy must."""
+
     def __init__(self, pair: Pair, num_draft_tokens="adaptive", prefill_step: int = PREFILL_STEP,
-                 pipelined: bool = True, kv_quant=None):
+                 pipelined: bool = True, kv_quant=None, policies: Optional[DraftPolicies] = None):
         self.pair, self.view = pair, pair.view
         self.num_draft_tokens = check_draft_tokens(num_draft_tokens)
+        self.policies = policies if policies is not None else draft_policies(pair, self.num_draft_tokens)
         self.prefill_step = prefill_step
         self.pipelined = pipelined  # False: read each round before building the next (to measure what it buys)
         self.kv_quant = kv_quant  # quantized_cache.KVQuant, or None: float caches
@@ -334,17 +334,12 @@ class Engine:
     def _pipelined(self) -> bool:
         return self.pipelined and not any(self.rows[u].request.sampling.logits_processors for u in self.batch.uids)
 
-    def _policy(self, batch_size: int):
-        if self.num_draft_tokens != "adaptive":
-            return FixedDraft(self.num_draft_tokens)
-        return controller_for(self.pair.adaptive, batch_size)  # kept on the pair: it carries over between calls
-
     def _submit(self) -> None:
         start = time.perf_counter()
         b = self.batch
         rows = [self.rows[u] for u in b.uids]
         b.cache = self._kv(b.cache, min(r.offset for r in rows))
-        policy = self._policy(len(rows))
+        policy = self.policies.for_batch(len(rows))
         # never draft past every row's max_tokens: a round emits at most k + 1 tokens per row
         room = min(MAX_DRAFT_TOKENS, max(r.request.max_tokens - len(r.emitted) - 1 for r in rows))
         k = max(0, policy.choose(room)) if self.pair.drafter is not None and room > 0 else 0
@@ -574,10 +569,8 @@ def generate_tokens(
     """
     if max_tokens <= 0:
         return
-    policy = None if isinstance(num_draft_tokens, (int, str)) else num_draft_tokens
-    engine = Engine(pair, num_draft_tokens if policy is None else 0)
-    if policy is not None:
-        engine._policy = lambda batch_size: policy
+    own = not isinstance(num_draft_tokens, (int, str))
+    engine = Engine(pair, 0 if own else num_draft_tokens, policies=EveryBatch(num_draft_tokens) if own else None)
     request = Request(max_tokens, sampling or Sampling(), frozenset(eos_ids), prompt_cache, draft_filter)
     uid = engine.insert(prompt, request)
     row = engine.rows[uid]

@@ -26,6 +26,7 @@ import numpy as np
 
 from .engine import Request
 from .errors import MTPError
+from .housekeeping import generation_stream
 from .prompt_pool import PromptCachePool
 from .server import APIError, processors
 
@@ -58,7 +59,10 @@ class Exchange:
         frame = np.zeros(self.frame, np.uint8)
         frame[:HEADER] = np.frombuffer(len(data).to_bytes(HEADER, "little"), np.uint8)
         frame[HEADER : HEADER + len(data)] = np.frombuffer(data, np.uint8)
-        self._summed = mx.distributed.all_sum(mx.array(frame), group=self.group)
+        # on the engine's stream: the all-sums of a group must run in one order on every rank, and
+        # two streams run their work side by side
+        with mx.stream(generation_stream):
+            self._summed = mx.distributed.all_sum(mx.array(frame), group=self.group)
         mx.async_eval(self._summed)
 
     def finish(self) -> list:

@@ -33,6 +33,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx.utils import tree_map
 
+from .adaptive import AdaptivePolicies
 from .errors import MTPError
 
 # environment variables a launcher sets in every process it starts (mlx.launch: ring, jaccl and
@@ -175,43 +176,43 @@ class LocalHeads:
 
 
 class AgreedDraft:
-    """An adaptive draft-length policy whose every rank sees rank 0's round times, so every rank
-    picks the same K. The times are summed over the group in an all-sum queued after the round
-    and read one round later (by then it is done), so no rank waits for it."""
+    """A draft-length policy that learns from rank 0's round times on every rank. Every rank runs
+    the same rounds, so its policy is told the same K and acceptance (the all-sums make the rounds
+    agree); told rank 0's seconds too, in the same order, a deterministic policy chooses the same K
+    on every rank whatever each rank's clock says. The seconds are summed over the group in an
+    all-sum queued after the round and read one round later (by then it is done), so no rank waits
+    for it. The same all-sum carries each rank's K and row count: ranks out of step stop with an
+    error instead of going on with rounds of different shapes."""
 
     def __init__(self, policy, group):
         self.policy, self.group = policy, group
-        self._pending = None
-
-    def __getattr__(self, name):  # history, rates, ... of the policy underneath
-        return getattr(self.policy, name)
+        self._pending = None  # (k, accepted, rows, the all-sum of [rank 0's seconds, K, rows])
 
     def choose(self, max_k: int) -> int:
         return self.policy.choose(max_k)
 
     def observe(self, k: int, accepted, seconds) -> None:
+        rows = len(accepted) if isinstance(accepted, (list, tuple)) else 1
         mine = seconds if self.group.rank() == 0 and seconds else 0.0
-        agreed = mx.distributed.all_sum(mx.array(mine, mx.float32), group=self.group)
-        mx.async_eval(agreed)
+        summed = mx.distributed.all_sum(mx.array([mine, k, rows], mx.float32), group=self.group)
+        mx.async_eval(summed)
         if self._pending is not None:
-            pk, pa, pt = self._pending
-            pt = pt.item()
-            self.policy.observe(pk, pa, pt if pt > 0 else None)
-        self._pending = (k, accepted, agreed)
+            self._deliver(*self._pending)
+        self._pending = (k, accepted, rows, summed)
+
+    def _deliver(self, k: int, accepted, rows: int, summed: mx.array) -> None:
+        seconds, ks, all_rows = summed.tolist()
+        size = self.group.size()
+        if ks != size * k or all_rows != size * rows:
+            raise MTPError(f"the processes are out of step: rank {self.group.rank()} drafted {k} tokens for "
+                           f"{rows} rows, the group's sums are {ks:g} and {all_rows:g} over {size} processes")
+        self.policy.observe(k, accepted, seconds if seconds > 0 else None)
 
 
-class AgreedPolicies(dict):
-    """Pair.adaptive on a rank: the engine's per-batch-size adaptive policies, each wrapped in
-    `AgreedDraft` as it is made."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = AgreedDraft(default, self.group)
-        return self[key]
+def agreed_policies(group) -> AdaptivePolicies:
+    """Pair.adaptive on a rank: the per-batch-size adaptive policies, each wrapped in `AgreedDraft`
+    as it is made (a new batch size's too), so they choose the same K on every rank."""
+    return AdaptivePolicies(wrap=lambda policy: AgreedDraft(policy, group))
 
 
 def attach(pair, group, local_heads: dict) -> None:
@@ -221,7 +222,7 @@ def attach(pair, group, local_heads: dict) -> None:
         return [LocalHeads(c, *local_heads[i]) if i in local_heads else c for i, c in enumerate(cache)]
 
     pair.view.forward_cache = forward_cache
-    pair.adaptive = AgreedPolicies(group)
+    pair.adaptive = agreed_policies(group)
     pair.group = group
 
 

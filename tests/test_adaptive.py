@@ -2,8 +2,9 @@
 
 import math
 import random
+from collections import deque
 
-from mlx_gemma_mtp.adaptive import AdaptiveDraft
+from mlx_gemma_mtp.adaptive import AdaptiveDraft, AdaptivePolicies, EveryBatch, FixedDraft
 
 
 def round_cost(k, plain=1.0, per_token=0.06, per_draft=0.02):
@@ -191,7 +192,7 @@ def test_a_controller_for_another_batch_size_starts_from_its_acceptance():
     fresh = AdaptiveDraft(max_k=8)
     fresh.learn_acceptance(learnt)
     assert fresh.acceptance() == learnt.acceptance() and fresh.acceptance()[0] > 0.8
-    assert fresh.history == [] and fresh.cost_line() is None  # costs are the batch size's own
+    assert not fresh.history and fresh.cost_line() is None  # costs are the batch size's own
 
 
 def test_plain_rounds_follow_until_one_is_timed_at_most_plain_tries():
@@ -270,3 +271,76 @@ def test_near_the_best_k_on_a_flat_batched_landscape_with_noisy_round_times():
     rates = [noisy_batch_rate(AdaptiveDraft(max_k=8), 600, 0.2, seed) for seed in range(3)]
     # measured when written: 0.984, 0.979, 0.982 of the best for seeds 0-2 (0.955-0.984 over seeds 0-5)
     assert sum(rates) / len(rates) > 0.96 * best and min(rates) > 0.94 * best, [r / best for r in rates]
+
+
+def container_sizes(obj) -> dict:
+    """Attribute -> the items it holds, nested containers' included, for each container attribute."""
+    def size(x):
+        if isinstance(x, dict):
+            return len(x) + sum(size(v) for v in x.values())
+        if isinstance(x, (list, tuple, set, deque)):
+            return len(x) + sum(size(v) for v in x)
+        return 0
+
+    return {name: size(v) for name, v in vars(obj).items() if isinstance(v, (dict, list, tuple, set, deque))}
+
+
+def test_a_controller_keeps_a_bounded_state_over_a_million_rounds():
+    """A server keeps one controller per batch size for as long as it serves: after a warm-up no
+    container in it grows. Phases of 5000 rounds: drafts mostly accepted (K = 1 best, its
+    neighbours plain decoding and K = 2 measured now and then), then none accepted (plain
+    decoding, with probes)."""
+    c = AdaptiveDraft(max_k=2)
+    rng = random.Random(0)
+    counts = {"on": [0, 0, 0], "off": [0, 0, 0]}
+    sizes = {}
+    for r in range(1, 10**6 + 1):
+        k = c.choose(2)
+        phase = "on" if (r // 5000) % 2 == 0 else "off"
+        accepted = 0
+        while accepted < k and phase == "on" and rng.random() < 0.9:
+            accepted += 1
+        c.observe(k, accepted, (1.0, 1.2, 1.9)[k] * (1 + 0.05 * rng.random()))
+        counts[phase][k] += 1
+        if r in (10**4, 10**6):
+            sizes[r] = container_sizes(c)
+    assert sizes[10**4] == sizes[10**6], sizes
+    assert "history" in sizes[10**6] and c.rounds == c.chosen == 10**6
+    on, off = counts["on"], counts["off"]
+    assert on[1] > 2 * on[0] and on[2] > 1000, counts  # drafting while it pays, its neighbours measured
+    assert off[0] > 50 * off[1] and off[1] > 1000, counts  # plain decoding, probed now and then
+
+
+class Wrapped:
+    def __init__(self, policy):
+        self.policy = policy
+
+    def choose(self, max_k):
+        return self.policy.choose(max_k)
+
+    def observe(self, k, accepted, seconds):
+        self.policy.observe(k, accepted, seconds)
+
+
+def test_adaptive_policies_wrap_every_controller_they_make():
+    """What the engine gets for a batch size is always wrapped (under mlx.launch the wrapper
+    agrees the round times across ranks), a new batch size's too, and it is kept: one controller
+    per batch size, and a new one starts from the nearest one's acceptance."""
+    policies = AdaptivePolicies(max_k=8, wrap=Wrapped)
+    one = policies.for_batch(1)
+    assert isinstance(one, Wrapped) and one.policy is policies.controller(1) and policies.for_batch(1) is one
+    simulate(one, lambda r: 0.9, 60)
+    four = policies.for_batch(4)
+    assert isinstance(four, Wrapped) and four.policy is policies.controller(4)
+    assert four.policy.acceptance() == one.policy.acceptance() and not four.policy.history
+    assert policies.batch_sizes() == [1, 4] and policies.controller(2) is None
+    policies.clear()
+    assert policies.batch_sizes() == [] and policies.for_batch(1) is not one
+    plain = AdaptivePolicies(max_k=4)
+    assert isinstance(plain.for_batch(3), AdaptiveDraft) and plain.for_batch(3).max_k == 4
+
+
+def test_a_fixed_k_is_the_same_policy_at_every_batch_size():
+    policies = EveryBatch(FixedDraft(3))
+    assert policies.for_batch(1) is policies.for_batch(5)
+    assert policies.for_batch(2).choose(8) == 3 and policies.for_batch(2).choose(2) == 2

@@ -330,11 +330,13 @@ def test_adaptive_policy_of_a_new_batch_size_starts_from_the_nearest(loaded):
     pair.adaptive.clear()
     prompts = prompts_for(pair.view.args.sliding_window, 3, seed=11)
     eng = Engine(pair, "adaptive")
+    assert eng.policies is pair.adaptive  # kept on the pair: what it learns carries over between calls
     eng.insert(prompts[0], Request(24))
     while eng.busy:
         eng.step()
-    one = pair.adaptive[1]
+    one = pair.adaptive.controller(1)
     assert sum(one.reached) > 0
-    two = eng._policy(2)
-    assert two.acceptance() == one.acceptance() and two.history == []
+    two = eng.policies.for_batch(2)
+    assert two is pair.adaptive.controller(2)
+    assert two.acceptance() == one.acceptance() and not two.history
     pair.adaptive.clear()

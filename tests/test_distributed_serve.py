@@ -1,9 +1,10 @@
 """`gemma-mtp serve` over 2 processes (mlx.launch, ring backend over 127.0.0.1): rank 0 serves HTTP,
 rank 1 replays its engine operations. Through the official client, replies equal the single
 process's `generate` on the same pair: concurrent greedy requests (streamed and not, of different
-lengths, with a fixed K and with adaptive K, with logit bias and penalties), a request cancelled
-midway beside another, seeded sampling. SIGTERM to rank 0 stops both ranks cleanly; a killed rank 0
-leaves no rank behind."""
+lengths, with a fixed K, with logit bias and penalties), a request cancelled midway beside another,
+seeded sampling, and long concurrent requests with adaptive K while rank 1's clock is skewed (its K
+must still be rank 0's). SIGTERM to rank 0 stops both ranks cleanly; a killed rank 0 leaves no rank
+behind."""
 
 import concurrent.futures
 import contextlib
@@ -22,7 +23,7 @@ from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
 
 from mlx_gemma_mtp import generate  # noqa: E402
 from server_process import free_port, health, wait_healthy  # noqa: E402
-from test_distributed import free_ports  # noqa: E402
+from test_distributed import LONG_TOKENS, RUNNER, free_ports  # noqa: E402
 
 VARIANT = "26b"
 K = 3
@@ -57,19 +58,22 @@ def alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def launched_server(pair: Path, args: list, log: Path):
-    """`mlx.launch -n 2 -- gemma-mtp serve --model PAIR ARGS`; yields (launcher, client) once
-    /health answers; the launcher's process group (it and both ranks) is always killed."""
+def launched_server(pair: Path, args: list, log: Path, hooks: dict = None):
+    """`mlx.launch -n 2 -- gemma-mtp serve --model PAIR ARGS` (through the test runner with its
+    `hooks` in the environment, if any); yields (launcher, client) once /health answers; the
+    launcher's process group (it and both ranks) is always killed."""
     ring = free_ports()
     port = free_port()
     while ring <= port <= ring + 1:
         port = free_port()
+    gemma_mtp = [str(RUNNER), "--cli"] if hooks else ["-m", "mlx_gemma_mtp.cli"]
     cmd = [str(Path(sys.executable).with_name("mlx.launch")), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
-           "--starting-port", str(ring), "--", sys.executable, "-m", "mlx_gemma_mtp.cli", "serve",
+           "--starting-port", str(ring), "--", sys.executable, *gemma_mtp, "serve",
            "--model", str(pair), "--model-id", MODEL, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *args]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(hooks or {})})
     try:
         wait_healthy(proc, port, log, START_TIMEOUT)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
@@ -178,14 +182,22 @@ def test_sigterm_stops_every_rank(group):
     assert "exited with code" not in log and "was killed" not in log, log[-3000:]
 
 
-def test_adaptive_k_and_a_killed_rank0(pair_dir, loaded, tmp_path):
+def test_long_concurrent_requests_with_adaptive_k_and_a_skewed_clock_then_a_killed_rank0(pair_dir, loaded,
+                                                                                           tmp_path):
+    """Three rows of different lengths (the batch shrinks from 3 to 1: each batch size gets its
+    own adaptive policy) over many rounds, rank 1 timing its rounds 3x fast with jitter: replies
+    equal the single process's, and the group serves on. Then a killed rank 0 leaves no rank behind."""
     pair, tokenizer = loaded(VARIANT)
-    want = [generate(pair, tokenizer, PROMPTS[i], max_tokens=n) for i, n in ((0, 20), (2, 12), (3, 16))]
-    with launched_server(pair_dir(VARIANT), [], tmp_path / "launch.log") as (proc, client):
-        got = concurrently(lambda: complete(client, PROMPTS[0], 20, temperature=0),
-                           lambda: complete(client, PROMPTS[2], 12, stream=True, temperature=0),
-                           lambda: complete(client, PROMPTS[3], 16, temperature=0))
+    lengths = (LONG_TOKENS, LONG_TOKENS + 8, LONG_TOKENS + 16)
+    want = [generate(pair, tokenizer, PROMPTS[i], max_tokens=n) for i, n in enumerate(lengths)]
+    hooks = {"MTP_TEST_SKEWED_CLOCK": "1"}
+    with launched_server(pair_dir(VARIANT), [], tmp_path / "launch.log", hooks) as (proc, client):
+        got = concurrently(lambda: complete(client, PROMPTS[0], lengths[0], temperature=0),
+                           lambda: complete(client, PROMPTS[1], lengths[1], stream=True, temperature=0),
+                           lambda: complete(client, PROMPTS[2], lengths[2], temperature=0))
         assert got == want
+        usage = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=0).usage
+        assert usage.completion_tokens == 8  # the group still serves
         ranks = rank_pids(proc.pid)
         os.kill(ranks[0], signal.SIGKILL)
         proc.wait(timeout=60)  # rank 1 does not wait forever for the rank that died
