@@ -22,9 +22,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mlx_gemma_mtp import adaptive
-from mlx_gemma_mtp.adaptive import AdaptiveDraft
-from mlx_gemma_mtp.bench import rotated
+from mlx_gemma_mtp.runtime import adaptive
+from mlx_gemma_mtp.runtime.adaptive import AdaptiveDraft
+from mlx_gemma_mtp.bench.run import rotated
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_bench  # noqa: E402  (write_results)
@@ -85,10 +85,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write OUT.txt and OUT.json")
     opts = ap.parse_args()
-    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.bench.blas import preload_openblas
 
     preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
-    from mlx_gemma_mtp import demo
+    from mlx_gemma_mtp.model import demo
     from mlx_gemma_mtp.api import batch_generate, prompt_ids
 
     pair, tokenizer = demo.load_demo()
@@ -117,7 +117,7 @@ def main():
                     totals[s][0] += tokens
                     totals[s][1] += seconds
                     per_round[s] += [st.tokens_per_round for st in r.stats]
-                    for policy in pair.adaptive.values():
+                    for policy in (pair.adaptive.controller(b) for b in pair.adaptive.batch_sizes()):
                         policy.end_call()
         best = max(ks, key=lambda k: statistics.median(rates[k]))
         aggregate = {s: tokens / seconds for s, (tokens, seconds) in totals.items()}
@@ -138,7 +138,7 @@ def main():
         lines += [f"{s} | {e['tokens_per_second']:.1f} | {e['over_best_fixed']:.3f} ("
                   + " ".join(f"{q:.3f}" for q in e["over_best_fixed_quartiles"][::2])
                   + f") | {e['aggregate_over_best_fixed']:.3f} | {e['tokens_per_round_per_row']:.2f}" for s, e in rows.items()]
-        for rows_now, policy in sorted(pair.adaptive.items(), reverse=True):
+        for rows_now, policy in sorted(((b, pair.adaptive.controller(b)) for b in pair.adaptive.batch_sizes()), reverse=True):
             checks = policy.checks()
             rounds = Counter(k for k, _, _ in policy.chosen)
             seconds = sum(t for _, _, t in policy.seen if t)

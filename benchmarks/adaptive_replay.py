@@ -18,8 +18,8 @@ and `replay` runs that workload (prompts B at a time, max_tokens each, the contr
 calls as the engine keeps them) on them: rows advance by their own depth, rows leave when done,
 each round's seconds are drawn from its (B, K)'s measured times (or, with a drift, their median
 times a wandering machine speed), and the policy sees a round's time one round late and only
-when the next round has the same K and B (engine.py's rule on a CPU). Fixed K meets the same
-draws. Not modelled: the cold forwards a K brings when its shapes are new (decode.py).
+when the next round has the same K and B (runtime/engine.py's rule on a CPU). Fixed K meets the same
+draws. Not modelled: the cold forwards a K brings when its shapes are new (runtime/pair.py).
 `--known-costs` also replays the policy told each (B, K)'s median round time (its cost
 estimates replaced, the rest as it is), with its exploring and without: how much of its loss is
 in estimating costs from noisy rounds rather than in learning acceptance.
@@ -38,7 +38,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mlx_gemma_mtp.adaptive import AdaptiveDraft, controller_for
+from mlx_gemma_mtp.runtime.adaptive import AdaptiveDraft, controller_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_bench  # noqa: E402  (write_results)
@@ -47,12 +47,12 @@ MAX_K = 8
 
 
 def record(opts) -> dict:
-    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.bench.blas import preload_openblas
 
     preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
-    from mlx_gemma_mtp import demo
+    from mlx_gemma_mtp.model import demo
     from mlx_gemma_mtp.api import prompt_ids
-    from mlx_gemma_mtp.bench import InjectedAcceptance, rotated, run_batch
+    from mlx_gemma_mtp.bench.run import InjectedAcceptance, rotated, run_batch
 
     pair, tokenizer = demo.load_demo()
     prompts = [prompt_ids(pair, tokenizer, t) for t in demo.held_out_prompts(opts.prompts)]
@@ -104,7 +104,7 @@ def record(opts) -> dict:
 
 class Timer:
     """Fixed K, keeping (B, seconds) of every timed round: the engine reports a round's time
-    only when it can tell it apart (engine.py), with as many accepted counts as live rows."""
+    only when it can tell it apart (runtime/engine.py), with as many accepted counts as live rows."""
 
     def __init__(self, k):
         self.k, self.rounds = k, []
@@ -186,7 +186,7 @@ class KnownCosts(AdaptiveDraft):
 
 def replay(traces, batch, setting, repeats, seed, tokens, drift=0.0, jitter=0.08) -> dict:
     """The bench's workload for one setting: prompts B at a time, `repeats` times over, with the
-    controllers per B kept across calls (engine.py keeps them on the pair)."""
+    controllers per B kept across calls (runtime/engine.py keeps them on the pair)."""
     cost = RoundCosts(traces["round_seconds"], seed, drift, jitter=jitter)
     controllers = {}
     if setting == "adaptive":

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_gemma_mtp import demo
-from mlx_gemma_mtp.cache import cache_bytes
-from mlx_gemma_mtp.engine import Engine, Request
-from mlx_gemma_mtp.sampling import Sampling
+from mlx_gemma_mtp.model import demo
+from mlx_gemma_mtp.runtime.cache import cache_bytes
+from mlx_gemma_mtp.runtime.engine import Engine, Request
+from mlx_gemma_mtp.runtime.sampling import Sampling
 
 
 def resident_bytes() -> int:

@@ -5,7 +5,7 @@ For K = 0..8 it counts the all-sums one verify forward of K + 1 tokens makes (an
 on a target with the 31B's per-layer shapes and `--layers` layers, scales the per-layer count to
 the real 60 layers, and times that many all-sums of that size back to back (each waits for the
 one before, as the layers do). The drafter adds nothing: it is replicated and reads the producer
-layers' K/V, which every rank holds whole (mlx_gemma_mtp/sharding.py).
+layers' K/V, which every rank holds whole (mlx_gemma_mtp/model/sharding.py).
 
     python benchmarks/distributed_comm.py [--layers 2] [--reps 20] [--dtype bfloat16]
 
@@ -32,9 +32,9 @@ def rank_main(args):
     import mlx.core as mx
     from mlx_lm.models import gemma4_text
 
-    from mlx_gemma_mtp.sharding import LocalHeads, shard_target
-    from mlx_gemma_mtp.shapes import SHAPES, target_args
-    from mlx_gemma_mtp.target import target_view
+    from mlx_gemma_mtp.model.sharding import LocalHeads, shard_target
+    from mlx_gemma_mtp.bench.shapes import SHAPES, target_args
+    from mlx_gemma_mtp.model.target import target_view
 
     t0 = time.perf_counter()
     group = mx.distributed.init()
@@ -61,7 +61,7 @@ def rank_main(args):
     for k in KS:
         say(f"K={k}")
         cache = view.make_cache()
-        from mlx_gemma_mtp.cache import reserve
+        from mlx_gemma_mtp.runtime.cache import reserve
         reserve(cache, 64 + k + 1)
         mx.eval(view.hidden(mx.zeros((1, 64), mx.uint32), cache), [c.state for c in cache])
         calls.clear()
@@ -127,7 +127,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--out")
     args = p.parse_args()
-    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.bench.blas import preload_openblas
 
     preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
     if "MLX_RANK" in os.environ:

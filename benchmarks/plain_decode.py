@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm import stream_generate as mlx_lm_stream_generate
 
 from mlx_gemma_mtp import Pair, stream_generate
-from mlx_gemma_mtp.shapes import random_pair, word_tokenizer
+from mlx_gemma_mtp.bench.shapes import random_pair, word_tokenizer
 
 
 def decode_rate(responses) -> tuple[float, list]:

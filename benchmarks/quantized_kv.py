@@ -69,7 +69,7 @@ def fixture_logits(positions: int) -> list:
     import reference_models as ref
     from mlx_gemma_mtp import load
     from mlx_gemma_mtp.convert import convert
-    from mlx_gemma_mtp.quantized_cache import KVQuant
+    from mlx_gemma_mtp.runtime.quantized_cache import KVQuant
 
     root = Path(tempfile.mkdtemp())
     target, draft = ref.build_pair("e2b", root)
@@ -81,7 +81,7 @@ def fixture_logits(positions: int) -> list:
     def logits(q):
         cache, out = view.make_cache(1, q), []
         for at in range(0, positions, 100):
-            from mlx_gemma_mtp.cache import reserve
+            from mlx_gemma_mtp.runtime.cache import reserve
             reserve(cache, at + 100)
             out.append(view.logits(view.hidden(ids[:, at: at + 100], cache)))
             mx.eval(out[-1], [c.state for c in cache])
@@ -101,7 +101,7 @@ def fixture_logits(positions: int) -> list:
 
 def demo_acceptance(tokens: int) -> list:
     from mlx_gemma_mtp import stream_generate
-    from mlx_gemma_mtp.demo import load_demo
+    from mlx_gemma_mtp.model.demo import load_demo
 
     pair, tokenizer = load_demo()
     rows = []
@@ -138,7 +138,7 @@ def resident_bytes() -> int:
 def sample(cache: list, emitted: int, seconds: float) -> dict:
     import mlx.core as mx
 
-    from mlx_gemma_mtp.cache import cache_bytes
+    from mlx_gemma_mtp.runtime.cache import cache_bytes
 
     mx.eval([(c.keys, c.values, c.offset) for c in cache])
     active, held, rss = mx.get_active_memory(), cache_bytes(cache), resident_bytes()
@@ -150,10 +150,10 @@ def sample(cache: list, emitted: int, seconds: float) -> dict:
 def run_long_run(opts) -> None:
     import mlx.core as mx
 
-    from mlx_gemma_mtp import demo
-    from mlx_gemma_mtp.engine import Engine, Request
-    from mlx_gemma_mtp.quantized_cache import KVQuant
-    from mlx_gemma_mtp.sampling import Sampling
+    from mlx_gemma_mtp.model import demo
+    from mlx_gemma_mtp.runtime.engine import Engine, Request
+    from mlx_gemma_mtp.runtime.quantized_cache import KVQuant
+    from mlx_gemma_mtp.runtime.sampling import Sampling
 
     pair, tokenizer = demo.load_demo()
     if opts.eager:
@@ -251,7 +251,7 @@ def write_context(cache, args, tokens: int, dtype) -> None:
     target writes (the memory of a long context without computing it)."""
     import mlx.core as mx
 
-    from mlx_gemma_mtp.cache import reserve
+    from mlx_gemma_mtp.runtime.cache import reserve
 
     reserve(cache, tokens)
     layers = args.layer_types[: args.num_hidden_layers - args.num_kv_shared_layers]
@@ -270,12 +270,12 @@ def one(shape, layers, vocab, prompt, step, bits, decode, tail):
     import mlx.core as mx
     import numpy as np
 
-    from mlx_gemma_mtp.cache import cache_bytes
-    from mlx_gemma_mtp.decode import PromptCache
-    from mlx_gemma_mtp.engine import Engine, Request
-    from mlx_gemma_mtp.quantized_cache import KVQuant
-    from mlx_gemma_mtp.sampling import Sampling
-    from mlx_gemma_mtp.shapes import random_pair
+    from mlx_gemma_mtp.runtime.cache import cache_bytes
+    from mlx_gemma_mtp.runtime.pair import PromptCache
+    from mlx_gemma_mtp.runtime.engine import Engine, Request
+    from mlx_gemma_mtp.runtime.quantized_cache import KVQuant
+    from mlx_gemma_mtp.runtime.sampling import Sampling
+    from mlx_gemma_mtp.bench.shapes import random_pair
 
     pair = random_pair(shape, layers, vocab, experts=4)
     mx.eval(pair.target.parameters())
@@ -310,9 +310,9 @@ def one(shape, layers, vocab, prompt, step, bits, decode, tail):
 def cache_only(a):
     import mlx.core as mx
 
-    from mlx_gemma_mtp.cache import cache_bytes, make_target_cache
-    from mlx_gemma_mtp.quantized_cache import KVQuant, make_quantized_cache
-    from mlx_gemma_mtp.shapes import SHAPES, target_args
+    from mlx_gemma_mtp.runtime.cache import cache_bytes, make_target_cache
+    from mlx_gemma_mtp.runtime.quantized_cache import KVQuant, make_quantized_cache
+    from mlx_gemma_mtp.bench.shapes import SHAPES, target_args
 
     args = target_args(SHAPES[a.shape], a.layers, a.vocab, 4)
     rows = []
@@ -370,9 +370,9 @@ def run_memory(a) -> None:
 
 def prefilled(pair, ids):
     """A float prompt cache holding `ids` (reused by every repeat of a setting: only decoding is timed)."""
-    from mlx_gemma_mtp.decode import Pair, PromptCache
-    from mlx_gemma_mtp.engine import Engine, Request
-    from mlx_gemma_mtp.sampling import Sampling
+    from mlx_gemma_mtp.runtime.pair import Pair, PromptCache
+    from mlx_gemma_mtp.runtime.engine import Engine, Request
+    from mlx_gemma_mtp.runtime.sampling import Sampling
 
     eng = Engine(Pair(pair.target), 0)
     holder = PromptCache(pair.view.make_cache())
@@ -386,8 +386,8 @@ def quantized_copy(holder, q):
     """The float prompt cache quantized (the same entries a quantized prefill writes, except that
     its later layers' K/V came from float attention: irrelevant to decode speed, and it spares the
     CPU the non-fused quantized prefill, ~6x slower than the float one here)."""
-    from mlx_gemma_mtp.decode import PromptCache
-    from mlx_gemma_mtp.quantized_cache import quantize_cache
+    from mlx_gemma_mtp.runtime.pair import PromptCache
+    from mlx_gemma_mtp.runtime.quantized_cache import quantize_cache
 
     return PromptCache(quantize_cache(holder.cache, q), list(holder.tokens))
 
@@ -395,8 +395,8 @@ def quantized_copy(holder, q):
 def decode(pair, ids, holder, k, q, tokens, filt):
     """Decode `tokens` after the cached prompt with `pair` (a target-only Pair for K=0); returns
     (tok/s from first token to last, tokens)."""
-    from mlx_gemma_mtp.engine import Engine, Request
-    from mlx_gemma_mtp.sampling import Sampling
+    from mlx_gemma_mtp.runtime.engine import Engine, Request
+    from mlx_gemma_mtp.runtime.sampling import Sampling
 
     saved = holder.cache, list(holder.tokens)
     eng = Engine(pair, k, kv_quant=q)
@@ -415,10 +415,10 @@ def decode(pair, ids, holder, k, q, tokens, filt):
 def run_speed(a) -> None:
     import numpy as np
 
-    from mlx_gemma_mtp.bench import InjectedAcceptance
-    from mlx_gemma_mtp.decode import Pair
-    from mlx_gemma_mtp.quantized_cache import KVQuant
-    from mlx_gemma_mtp.shapes import random_pair
+    from mlx_gemma_mtp.bench.run import InjectedAcceptance
+    from mlx_gemma_mtp.runtime.pair import Pair
+    from mlx_gemma_mtp.runtime.quantized_cache import KVQuant
+    from mlx_gemma_mtp.bench.shapes import random_pair
 
     pair = random_pair("e2b", a.layers, a.vocab)
     ids = [2] + np.random.default_rng(0).integers(10, a.vocab, size=a.context - 1).tolist()

@@ -37,17 +37,17 @@ def build(opts):
     import mlx.core as mx
 
     from mlx_gemma_mtp.api import prompt_ids
-    from mlx_gemma_mtp.bench import InjectedAcceptance, parse_profile
-    from mlx_gemma_mtp.engine import generate_tokens
+    from mlx_gemma_mtp.bench.run import InjectedAcceptance, parse_profile
+    from mlx_gemma_mtp.runtime.engine import generate_tokens
 
     if opts.demo:
-        from mlx_gemma_mtp import demo
+        from mlx_gemma_mtp.model import demo
 
         pair, tokenizer = demo.load_demo()
         texts = demo.held_out_prompts(opts.requests)
         prompts = [prompt_ids(pair, tokenizer, t) for t in texts]
     else:
-        from mlx_gemma_mtp import shapes
+        from mlx_gemma_mtp.bench import shapes
 
         pair = shapes.random_pair(opts.shape, opts.layers, opts.vocab, seed=0)
         tokenizer = shapes.word_tokenizer(opts.vocab)
@@ -71,8 +71,8 @@ def build(opts):
 def serve_child(opts) -> None:
     import uvicorn
 
-    from mlx_gemma_mtp import server as srv
-    from mlx_gemma_mtp.serve_requests import Server
+    from mlx_gemma_mtp.server import app as srv
+    from mlx_gemma_mtp.server.requests import Server
 
     filters = {}
 
@@ -325,7 +325,7 @@ def main():
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-concurrency", type=int, default=8, help=argparse.SUPPRESS)
     opts = ap.parse_args()
-    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.bench.blas import preload_openblas
 
     preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
     if opts.child:

@@ -30,8 +30,8 @@ def start(pair, tokenizer, setting, tokens: int):
     """(uvicorn server, its thread, engine thread, port): the app as `gemma-mtp serve` runs it."""
     import uvicorn
 
-    from mlx_gemma_mtp import server as srv
-    from mlx_gemma_mtp.serve_requests import Server
+    from mlx_gemma_mtp.server import app as srv
+    from mlx_gemma_mtp.server.requests import Server
 
     worker = srv.Worker(lambda: (pair, tokenizer), setting, max_batch=8, max_queue=16, prompt_cache_bytes=0)
     worker.start()
@@ -103,10 +103,10 @@ def main():
     ap.add_argument("--split-cores", action="store_true")
     ap.add_argument("--out", type=Path, help="write OUT.txt and OUT.json")
     opts = ap.parse_args()
-    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.bench.blas import preload_openblas
 
     preload_openblas(sys.argv[0])  # float32 matmuls of several tokens: see measuring.md
-    from mlx_gemma_mtp import demo
+    from mlx_gemma_mtp.model import demo
     from mlx_gemma_mtp.api import prompt_ids
 
     pair, tokenizer = demo.load_demo()

@@ -97,5 +97,11 @@ def convert(target, draft, out, quantize, q_bits, q_group_size, q_mode, draft_q_
     click.echo(f"wrote {result.out} ({summary})")
 
 
-# Subcommands live in their own modules and register themselves on `main`.
-from . import bench_command, generate_command, serve_command, train_command  # noqa: E402,F401
+# The other subcommands live in their own modules, which do not import this one.
+from .bench_command import bench  # noqa: E402
+from .generate_command import chat, generate  # noqa: E402
+from .serve_command import serve  # noqa: E402
+from .train_command import train_drafter  # noqa: E402
+
+for command in (generate, chat, serve, bench, train_drafter):
+    main.add_command(command)

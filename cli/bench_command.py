@@ -5,8 +5,7 @@ from pathlib import Path
 
 import click
 
-from mlx_gemma_mtp.cli import main
-from mlx_gemma_mtp.shapes import SHAPES
+from mlx_gemma_mtp.bench.shapes import SHAPES
 
 DEFAULT_PROMPTS = [
     "def parse_args(argv):\n    \"\"\"Parse the command line.\"\"\"\n",
@@ -31,7 +30,7 @@ def random_prompts(vocab: int, count: int, length: int, seed: int) -> list:
     return [[2] + rng.integers(10, vocab, size=length - 1).tolist() for _ in range(count)]
 
 
-@main.command()
+@click.command()
 @click.option("--model", "model_path", metavar="PATH", help="A converted pair folder (target + drafter).")
 @click.option("--demo", is_flag=True, help="The bundled demo pair on held-out standard-library prompts (real acceptance).")
 @click.option("--held-out-prompts", type=click.IntRange(min=1), metavar="N",
@@ -61,8 +60,8 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
     """Benchmark mlx-lm, plain and MTP decoding (K = 1..8 and adaptive) on the same pair.
 
     Speeds on machines without Apple Silicon are only meaningful as ratios (see the README)."""
-    from mlx_gemma_mtp import bench_report as r
-    from mlx_gemma_mtp.blas import preload_openblas
+    from mlx_gemma_mtp.bench import report as r
+    from mlx_gemma_mtp.bench.blas import preload_openblas
 
     if sum((model_path is not None, shape is not None, demo)) != 1:
         raise click.UsageError("give exactly one of --model PATH, --demo or --shape NAME")
@@ -91,7 +90,7 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         r.check_plot_available()
         r.check_output(plot_path, "--plot")
 
-    from mlx_gemma_mtp import bench as b
+    from mlx_gemma_mtp.bench import run as b
 
     profile = None
     if inject_acceptance is not None:
@@ -109,7 +108,7 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         log(f"building a random {dtype} {shape}-shaped pair: {layers} layers, vocab {vocab} ...")
         import mlx.core as mx
 
-        from mlx_gemma_mtp import shapes
+        from mlx_gemma_mtp.bench import shapes
 
         pair = shapes.random_pair(shape, layers, vocab, experts, seed, getattr(mx, dtype))
         tokenizer = shapes.word_tokenizer(vocab)
@@ -118,7 +117,7 @@ def bench(model_path, demo, held_out_prompts, shape, dtype, layers, vocab, exper
         if experts:
             description += f", {experts} experts"
     else:
-        from mlx_gemma_mtp import demo as demo_pair
+        from mlx_gemma_mtp.model import demo as demo_pair
         from mlx_gemma_mtp import load
 
         pair, tokenizer = demo_pair.load_demo() if demo else load(model_path)

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import click
 
-from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.errors import MTPError
 from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, MAX_SEED, fit_max_tokens
-from mlx_gemma_mtp.sharding import is_writer, launched
+from mlx_gemma_mtp.model.sharding import is_writer, launched
 
 INTERRUPTED = 130  # the shell's exit status for SIGINT
 
@@ -123,7 +122,7 @@ def load_model(model, draft_model, no_draft, demo=False):
     if no_draft and draft_model:
         raise click.UsageError("--no-draft and --draft-model contradict each other")
     if demo:
-        from mlx_gemma_mtp.demo import load_demo
+        from mlx_gemma_mtp.model.demo import load_demo
 
         if model or draft_model:
             raise click.UsageError("--demo brings its own pair: drop --model/--draft-model")
@@ -139,7 +138,7 @@ def load_model(model, draft_model, no_draft, demo=False):
 
 def say_which_drafter(model, target_config: dict) -> None:
     """A target given without a drafter decodes plainly: say so, and which drafter would fit it."""
-    from mlx_gemma_mtp.config import suggested_drafters
+    from mlx_gemma_mtp.model.config import suggested_drafters
 
     drafters = suggested_drafters(target_config)
     if not drafters:
@@ -296,7 +295,7 @@ def report(last, drafting, verbose):
 # ---- commands -------------------------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @model_options
 @cache_options
 @click.option("--prompt", metavar="TEXT", help="The prompt ('-' or absent: read stdin).")
@@ -353,7 +352,7 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
 HELP = "commands: /reset (new conversation), /stats (the last reply), /quit (or end of input)"
 
 
-@main.command()
+@click.command()
 @model_options
 @cache_options
 def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,

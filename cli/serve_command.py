@@ -1,10 +1,9 @@
-"""`gemma-mtp serve`: the OpenAI-compatible HTTP server (mlx_gemma_mtp/server.py)."""
+"""`gemma-mtp serve`: the OpenAI-compatible HTTP server (mlx_gemma_mtp/server/)."""
 
 import os
 
 import click
 
-from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.cli.generate_command import DraftTokens, cache_kwargs, cache_options, load_model
 
 DEMO_MODEL_ID = "gemma-mtp-demo"
@@ -16,7 +15,7 @@ def model_id_of(model, demo):
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 
-@main.command()
+@click.command()
 @click.option("--model", metavar="PATH|REPO",
               help="A converted pair folder, or a target: mlx-lm/HF folder or hub repo id.")
 @click.option("--draft-model", metavar="PATH|REPO", help="The MTP drafter (default: the pair's own).")
@@ -54,8 +53,8 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
           prompt_cache_bytes, max_tokens, model_id, max_body_bytes, shutdown_grace, allow_origins, kv_bits,
           kv_group_size, quantized_kv_start, prefill_step_size, log_level):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
-    from mlx_gemma_mtp.server import serve as run
-    from mlx_gemma_mtp.sharding import launched, launched_group
+    from mlx_gemma_mtp.server.app import serve as run
+    from mlx_gemma_mtp.model.sharding import launched, launched_group
 
     if no_draft and draft_model:
         raise click.UsageError("--no-draft and --draft-model contradict each other")
@@ -67,7 +66,7 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
     options = cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
     group = launched_group() if launched() else None
     if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 serves, the others follow it
-        from mlx_gemma_mtp.serve_group import follow
+        from mlx_gemma_mtp.server.group import follow
 
         pair, tokenizer = load_model(model, draft_model, no_draft, demo)
         click.echo(f"rank {group.rank()}: following rank 0's engine", err=True)

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import click
 
-from mlx_gemma_mtp.cli import main
 
 
-@main.command("train-drafter")
+@click.command("train-drafter")
 @click.option("--target", required=True, metavar="PATH", help="The target: a pair folder, an MLX or HF folder.")
 @click.option("--init", "init_path", metavar="DRAFTER", help="Start from this drafter (re-alignment) instead of a new one.")
 @click.option("--data", multiple=True, required=True, metavar="FILE_OR_DIR", help="Training text (repeatable).")
@@ -32,10 +31,10 @@ def train_drafter(target, init_path, data, out, steps, lr, block, batch, seq_len
     (5%) measures greedy acceptance per draft position."""
     from tqdm import tqdm
 
-    from mlx_gemma_mtp import train as t
-    from mlx_gemma_mtp.blas import preload_openblas
-    from mlx_gemma_mtp.checkpoint import check_output
-    from mlx_gemma_mtp.loading import check_pair, load
+    from mlx_gemma_mtp.train import distill as t
+    from mlx_gemma_mtp.bench.blas import preload_openblas
+    from mlx_gemma_mtp.model.checkpoint import check_output
+    from mlx_gemma_mtp.model.loading import check_pair, load
 
     preload_openblas("train-drafter")
     check_output(out, force)  # an existing or unwritable output fails now, not after training

@@ -15,7 +15,7 @@ from mlx_lm.utils import compute_bits_per_weight
 from tqdm import tqdm
 
 from mlx_gemma_mtp import __version__
-from mlx_gemma_mtp.checkpoint import (
+from mlx_gemma_mtp.model.checkpoint import (
     cast_floats,
     check_output,
     output_folder,
@@ -26,8 +26,8 @@ from mlx_gemma_mtp.checkpoint import (
     with_dtype,
     write_manifest,
 )
-from mlx_gemma_mtp.config import normalize_draft_config, normalize_target_config, text_config_of, validate_pair
-from mlx_gemma_mtp.drafter import load_drafter, save_drafter
+from mlx_gemma_mtp.model.config import normalize_draft_config, normalize_target_config, text_config_of, validate_pair
+from mlx_gemma_mtp.model.drafter import load_drafter, save_drafter
 from mlx_gemma_mtp.errors import MTPError
 
 from .draft import quantize_drafter

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import gemma4, gemma4_text
 from mlx_lm.utils import quantize_model, save_config, save_model
 
-from mlx_gemma_mtp.checkpoint import cast_floats, load_tensors
+from mlx_gemma_mtp.model.checkpoint import cast_floats, load_tensors
 from mlx_gemma_mtp.errors import MTPError
 
 TOKENIZER_FILES = (

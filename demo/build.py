@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_gemma_mtp import demo
+from mlx_gemma_mtp.model import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 4096

@@ -7,7 +7,7 @@ __all__ = [
     "Pair", "PromptCache", "Stats",
 ]
 
-_HOMES = {"load": "loading", "generate": "api", "stream_generate": "api", "Response": "api",
+_HOMES = {"load": "model.loading", "generate": "api", "stream_generate": "api", "Response": "api",
           "batch_generate": "api", "BatchResponse": "api"}
 
 
@@ -18,4 +18,4 @@ def __getattr__(name):
         raise AttributeError(f"module 'mlx_gemma_mtp' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{_HOMES.get(name, 'decode')}", __name__), name)
+    return getattr(importlib.import_module(f".{_HOMES.get(name, 'runtime.pair')}", __name__), name)

@@ -11,15 +11,15 @@ from typing import Callable, Iterator, Optional, Union
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.sample_utils import make_repetition_penalty
 
-from .decode import Pair, PromptCache, Stats
-from .detokenize import IncrementalDecoder, generated_text
-from .engine import PREFILL_STEP, Engine, Request
-from .errors import MTPError
-from .housekeeping import generating
-from .limits import check_draft_tokens, fit_max_tokens
-from .loading import load  # noqa: F401  (the API's `load`)
-from .quantized_cache import check_kv_quant
-from .sampling import Sampling
+from mlx_gemma_mtp.runtime.pair import Pair, PromptCache, Stats
+from mlx_gemma_mtp.runtime.detokenize import IncrementalDecoder, generated_text
+from mlx_gemma_mtp.runtime.engine import PREFILL_STEP, Engine, Request
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.runtime.housekeeping import generating
+from mlx_gemma_mtp.limits import check_draft_tokens, fit_max_tokens
+from mlx_gemma_mtp.model.loading import load  # noqa: F401  (the API's `load`)
+from mlx_gemma_mtp.runtime.quantized_cache import check_kv_quant
+from mlx_gemma_mtp.runtime.sampling import Sampling
 
 
 @dataclass
@@ -93,7 +93,7 @@ def make_request(
     return Request(max_tokens, sampling, frozenset(tokenizer.eos_token_ids or ()), prompt_cache, draft_filter)
 
 
-def _engine(pair: Pair, num_draft_tokens, kv_bits=None, kv_group_size=64, quantized_kv_start=0,
+def make_engine(pair: Pair, num_draft_tokens, kv_bits=None, kv_group_size=64, quantized_kv_start=0,
             prefill_step_size=PREFILL_STEP) -> Engine:
     """The engine for one call. kv_bits (4 or 8) quantizes the KV cache in groups of
     kv_group_size along the head dimension, once the context passes quantized_kv_start tokens
@@ -135,7 +135,7 @@ def stream_generate(
     mlx-lm's arguments of those names; `prefill_step_size` is the most prompt tokens one forward
     takes. `prefill_progress(done, total)` is called as the prompt is prefilled.
     """
-    engine = _engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
+    engine = make_engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
     ids = prompt_ids(pair, tokenizer, prompt)
     request = make_request(pair, tokenizer, len(ids), max_tokens, **kwargs)
     if request.max_tokens == 0:
@@ -201,7 +201,7 @@ def batch_generate(
     for all rows or a list with one per prompt; `prompt_cache` is per prompt (a list). At most
     `max_batch` rows decode at once (default: all); the others join as rows finish. The KV cache
     and prefill settings are `stream_generate`'s, for the whole batch."""
-    engine = _engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
+    engine = make_engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise MTPError("prompts must be a non-empty list of prompts")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
@@ -246,5 +246,5 @@ def batch_generate(
              for i, row in enumerate(tokens)]
     generated = sum(len(t) for t in tokens)
     total = {"generated_tokens": generated, "seconds": seconds,
-             "tokens_per_second": generated / seconds if seconds else 0.0, "rounds": engine._rounds}
+             "tokens_per_second": generated / seconds if seconds else 0.0, "rounds": engine.rounds}
     return BatchResponse(texts, tokens, finish, stats, total)

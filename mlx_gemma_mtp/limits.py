@@ -1,6 +1,6 @@
 """Limits every entry point applies the same way: draft length and context length."""
 
-from .errors import MTPError
+from mlx_gemma_mtp.errors import MTPError
 
 MAX_SEED = 2**32 - 1  # a row's seed is hashed as a uint32
 MAX_DRAFT_TOKENS = 16

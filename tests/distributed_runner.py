@@ -32,8 +32,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma_mtp import load, stream_generate
-from mlx_gemma_mtp.bench import InjectedAcceptance
-from mlx_gemma_mtp.sharding import weight_bytes
+from mlx_gemma_mtp.bench.run import InjectedAcceptance
+from mlx_gemma_mtp.model.sharding import weight_bytes
 
 PROMPT = [2, 17, 300, 45, 9, 211, 77, 5, 190, 33, 61, 128]
 GREEDY_SETTINGS = (0, 3, "adaptive")
@@ -49,7 +49,7 @@ def install_hooks() -> None:
         time.perf_counter = lambda: 3 * real() + 0.3 * jitter.random()
     fail_at = int(os.environ.get("MTP_TEST_FAIL_AT", "0"))
     if fail_at:
-        from mlx_gemma_mtp import engine
+        from mlx_gemma_mtp.runtime import engine
 
         step, steps = engine.Engine.step, itertools.count(1)
 

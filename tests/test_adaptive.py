@@ -4,7 +4,7 @@ import math
 import random
 from collections import deque
 
-from mlx_gemma_mtp.adaptive import AdaptiveDraft, AdaptivePolicies, EveryBatch, FixedDraft
+from mlx_gemma_mtp.runtime.adaptive import AdaptiveDraft, AdaptivePolicies, EveryBatch, FixedDraft
 
 
 def round_cost(k, plain=1.0, per_token=0.06, per_draft=0.02):
@@ -83,7 +83,7 @@ def test_never_exceeds_the_room_it_is_given():
 
 
 def test_pure_python():
-    import mlx_gemma_mtp.adaptive as module
+    import mlx_gemma_mtp.runtime.adaptive as module
 
     source = open(module.__file__).read()
     assert "import mlx" not in source and "from mlx" not in source

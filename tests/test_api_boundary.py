@@ -4,7 +4,7 @@ import pytest
 
 from mlx_gemma_mtp import batch_generate, generate, make_prompt_cache
 from mlx_gemma_mtp.api import make_request
-from mlx_gemma_mtp.demo import load_demo
+from mlx_gemma_mtp.model.demo import load_demo
 from mlx_gemma_mtp.errors import MTPError
 
 

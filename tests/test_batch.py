@@ -7,14 +7,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx_gemma_mtp.engine as engine
+import mlx_gemma_mtp.runtime.engine as engine
 import reference_models as ref
 from mlx_gemma_mtp import batch_generate
-from mlx_gemma_mtp.bench import InjectedAcceptance
-from mlx_gemma_mtp.cache import cache_bytes
-from mlx_gemma_mtp.decode import HOT_SHAPE, Pair
-from mlx_gemma_mtp.engine import Engine, Request, generate_tokens
-from mlx_gemma_mtp.sampling import Sampling
+from mlx_gemma_mtp.bench.run import InjectedAcceptance
+from mlx_gemma_mtp.runtime.cache import cache_bytes
+from mlx_gemma_mtp.runtime.pair import HOT_SHAPE, Pair
+from mlx_gemma_mtp.runtime.engine import Engine, Request, generate_tokens
+from mlx_gemma_mtp.runtime.sampling import Sampling
 
 # (batch size, K) per variant: every variant meets both batch sizes and every K over the grid
 SETTINGS = [(2, 1), (4, 3), (2, 6), (4, "adaptive")]
@@ -249,8 +249,9 @@ def test_row_cache_memory_equals_single_stream(loaded):
 
 
 def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+    from mlx_gemma_mtp.server.worker import resident_bytes as now
+
+    return now()
 
 
 def test_memory_stays_flat_over_many_mtp_calls(loaded):
@@ -262,7 +263,7 @@ def test_memory_stays_flat_over_many_mtp_calls(loaded):
     def call():
         list(generate_tokens(pair, prompt, 260, 3))  # past the first 256-entry buffer step
 
-    from mlx_gemma_mtp.decode import HOT_SHAPE
+    from mlx_gemma_mtp.runtime.pair import HOT_SHAPE
 
     for _ in range(HOT_SHAPE + 1):  # every shape a call meets is met often enough to be compiled
         call()
@@ -303,7 +304,7 @@ def test_compiled_verify_equals_eager_across_shape_changes(loaded, monkeypatch):
     """The compiled target forward gives the eager forward's tokens while batch sizes, draft
     lengths and cache capacities change, and keeps at most MAX_TRACES traces (the least recently
     used shape's is dropped)."""
-    import mlx_gemma_mtp.decode as decode
+    import mlx_gemma_mtp.runtime.pair as decode
 
     monkeypatch.setattr(decode, "MAX_TRACES", 3)
     compiled_forwards = []

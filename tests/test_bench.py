@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_gemma_mtp import bench as b
-from mlx_gemma_mtp import bench_report as r
-from mlx_gemma_mtp import shapes
-from mlx_gemma_mtp.blas import REEXEC_MARK
+from mlx_gemma_mtp.bench import run as b
+from mlx_gemma_mtp.bench import report as r
+from mlx_gemma_mtp.bench import shapes
+from mlx_gemma_mtp.bench.blas import REEXEC_MARK
 from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.errors import MTPError
 
@@ -80,8 +80,8 @@ def test_injection_gives_the_acceptance_in_a_real_run(tiny_pair):
 
 
 def rounds_of(pair, prompt_ids, tokens, k, sampling=None):
-    from mlx_gemma_mtp.decode import Stats
-    from mlx_gemma_mtp.engine import generate_tokens
+    from mlx_gemma_mtp.runtime.pair import Stats
+    from mlx_gemma_mtp.runtime.engine import generate_tokens
 
     stats = Stats()
     out = [t for t, _ in generate_tokens(pair, prompt_ids, tokens, k, stats=stats, sampling=sampling)]
@@ -92,7 +92,7 @@ def test_compiled_draft_step_drafts_what_the_eager_step_drafts(tiny_pair):
     """The compiled step reads the whole K/V buffers through masks: before the sliding window (16)
     fills, after it, across the full layer's buffer growth (256 tokens) and after rollbacks, its
     drafts are the eager step's."""
-    from mlx_gemma_mtp.sampling import Sampling
+    from mlx_gemma_mtp.runtime.sampling import Sampling
 
     pair, _ = tiny_pair
     short, long = prompt(6, seed=4), prompt(240, seed=5)
@@ -170,7 +170,7 @@ def test_cli_rejects_bad_arguments():
 
 
 def test_real_shapes_build_valid_configs():
-    from mlx_gemma_mtp.drafter import DrafterArgs
+    from mlx_gemma_mtp.model.drafter import DrafterArgs
 
     for name, shape in shapes.SHAPES.items():
         args = shapes.target_args(shape, 6, 4096, experts=4)

@@ -12,9 +12,9 @@ from mlx_lm import load as mlx_lm_load
 
 import reference_models as ref
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.checkpoint import MANIFEST
+from mlx_gemma_mtp.model.checkpoint import MANIFEST
 from mlx_gemma_mtp.convert import QuantSpec, convert, quant_spec
-from mlx_gemma_mtp.drafter import load_drafter
+from mlx_gemma_mtp.model.drafter import load_drafter
 
 VARIANTS = ref.VARIANTS
 STYLES = ("google", "per_layer")
@@ -178,7 +178,7 @@ def test_target_only_conversion(reference_pair, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_manifest_and_configs_say_what_was_written(dtype, reference_pair, tmp_path):
-    from mlx_gemma_mtp.checkpoint import DTYPE_NAMES, read_manifest
+    from mlx_gemma_mtp.model.checkpoint import DTYPE_NAMES, read_manifest
 
     target, draft = reference_pair("e2b")  # a float32 checkpoint: bfloat16 is a cast
     out = tmp_path / "p"

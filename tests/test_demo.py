@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_gemma_mtp import demo
-from mlx_gemma_mtp.decode import Pair, Stats
-from mlx_gemma_mtp.engine import generate_tokens
+from mlx_gemma_mtp.model import demo
+from mlx_gemma_mtp.runtime.pair import Pair, Stats
+from mlx_gemma_mtp.runtime.engine import generate_tokens
 
 GEMMA_MTP = str(Path(sys.executable).parent / "gemma-mtp")
 
@@ -30,7 +30,7 @@ def test_demo_pair_is_shipped_and_small():
 def test_demo_metadata_describes_the_shipped_files():
     import mlx.core as mx
 
-    from mlx_gemma_mtp.checkpoint import DTYPE_NAMES, read_manifest
+    from mlx_gemma_mtp.model.checkpoint import DTYPE_NAMES, read_manifest
 
     manifest = read_manifest(demo.PAIR_DIR)
     for part in ("target", "draft"):

@@ -160,7 +160,7 @@ def test_every_policy_on_a_rank_learns_rank0s_times_a_round_late():
     next round is observed, from the all-sum queued with the first."""
     import mlx.core as mx
 
-    from mlx_gemma_mtp.sharding import AgreedDraft, agreed_policies
+    from mlx_gemma_mtp.model.sharding import AgreedDraft, agreed_policies
 
     policies = agreed_policies(mx.distributed.init())
     one, two = policies.for_batch(1), policies.for_batch(2)

@@ -15,8 +15,8 @@ from transformers.models.gemma4_unified_assistant import (
     Gemma4UnifiedAssistantForCausalLM,
 )
 
-from mlx_gemma_mtp.config import normalize_draft_config
-from mlx_gemma_mtp.drafter import DrafterArgs, load_drafter, save_drafter, sliding_mask
+from mlx_gemma_mtp.model.config import normalize_draft_config
+from mlx_gemma_mtp.model.drafter import DrafterArgs, load_drafter, save_drafter, sliding_mask
 from mlx_gemma_mtp.errors import MTPError
 
 # With mlx's CPU workers alive in the same process, multi-threaded torch crawls (~1.7 s for a

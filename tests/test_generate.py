@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-import mlx_gemma_mtp.decode as decode
-import mlx_gemma_mtp.engine as engine
+import mlx_gemma_mtp.runtime.pair as decode
+import mlx_gemma_mtp.runtime.engine as engine
 import reference_models as ref
 from mlx_gemma_mtp import load, stream_generate
-from mlx_gemma_mtp.bench import InjectedAcceptance
-from mlx_gemma_mtp.decode import Stats
-from mlx_gemma_mtp.engine import generate_tokens
+from mlx_gemma_mtp.bench.run import InjectedAcceptance
+from mlx_gemma_mtp.runtime.pair import Stats
+from mlx_gemma_mtp.runtime.engine import generate_tokens
 
 VARIANTS = ref.VARIANTS
 DRAFT_LENGTHS = (1, 2, 4, 6)

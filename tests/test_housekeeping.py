@@ -5,8 +5,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_gemma_mtp import batch_generate, generate
-from mlx_gemma_mtp.demo import load_demo
-from mlx_gemma_mtp.housekeeping import generation_stream
+from mlx_gemma_mtp.model.demo import load_demo
+from mlx_gemma_mtp.runtime.housekeeping import generation_stream
 
 RECOMMENDED = 48 << 30
 
@@ -65,7 +65,7 @@ def test_a_long_prompt_releases_the_cache_between_prefill_chunks(demo, calls):
 def test_the_server_keeps_weights_wired_and_releases_the_cache_when_idle(calls):
     import time
 
-    from mlx_gemma_mtp.server import Worker
+    from mlx_gemma_mtp.server.worker import Worker
 
     worker = Worker(load_demo, num_draft_tokens=2, warm_up=True)
     worker.start()

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mlx_gemma_mtp import checkpoint, demo, load
-from mlx_gemma_mtp.config import normalize_draft_config, normalize_target_config
+from mlx_gemma_mtp.model import checkpoint
+from mlx_gemma_mtp.model import demo
+from mlx_gemma_mtp import load
+from mlx_gemma_mtp.model.config import normalize_draft_config, normalize_target_config
 from mlx_gemma_mtp.errors import MTPError
 
 GEMMA_MTP = str(Path(sys.executable).parent / "gemma-mtp")

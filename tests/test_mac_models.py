@@ -10,7 +10,7 @@ import pytest
 
 import reference_models
 from mlx_gemma_mtp import generate, load
-from mlx_gemma_mtp.config import suggested_drafters
+from mlx_gemma_mtp.model.config import suggested_drafters
 
 GEMMA_MTP = str(Path(sys.executable).parent / "gemma-mtp")
 PROMPT = [2, 17, 300, 45, 9, 211, 77, 5]

@@ -1,7 +1,7 @@
 """What we rely on inside mlx-lm's Gemma 4 (`mlx_lm.models.gemma4_text`), pinned in one place.
 
-The target side (`target.py`) calls mlx-lm's text model and reads its caches; the drafter
-(`drafter.py`) runs mlx-lm's decoder layers on K/V shared from the target. None of this is
+The target side (`model/target.py`) calls mlx-lm's text model and reads its caches; the drafter
+(`model/drafter.py`) runs mlx-lm's decoder layers on K/V shared from the target. None of this is
 mlx-lm's public API, so an mlx-lm upgrade that changes it must fail here, by name, rather than
 as wrong drafts somewhere in the decode loop. Everything runs on a tiny model in a second or two.
 """
@@ -14,8 +14,8 @@ import pytest
 from mlx_lm.models import gemma4, gemma4_text
 from mlx_lm.models.cache import KVCache
 
-from mlx_gemma_mtp.config import TEXT_DEFAULTS, UNIFIED_TEXT_DEFAULTS
-from mlx_gemma_mtp.target import target_view
+from mlx_gemma_mtp.model.config import TEXT_DEFAULTS, UNIFIED_TEXT_DEFAULTS
+from mlx_gemma_mtp.model.target import target_view
 
 # 6 layers: 4 producers (sliding, full, sliding, full), then 2 KV-shared layers; with per-layer
 # inputs (as E2B/E4B) and a sliding window shorter than the test prompts.

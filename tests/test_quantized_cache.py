@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from mlx_gemma_mtp import generate
-from mlx_gemma_mtp.bench import InjectedAcceptance
-from mlx_gemma_mtp.cache import FullCache, SlidingCache, cache_bytes, concat_rows, reserve, set_offset, take_rows
-from mlx_gemma_mtp.decode import Pair
-from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.bench.run import InjectedAcceptance
+from mlx_gemma_mtp.runtime.cache import FullCache, SlidingCache, cache_bytes, concat_rows, reserve, set_offset, take_rows
+from mlx_gemma_mtp.runtime.pair import Pair
+from mlx_gemma_mtp.runtime.engine import Engine, Request
 from mlx_gemma_mtp.errors import MTPError
-from mlx_gemma_mtp.quantized_cache import (
+from mlx_gemma_mtp.runtime.quantized_cache import (
     KVQuant, QuantizedFullCache, QuantizedSlidingCache, dequantize, is_quantized, quantize, quantize_cache,
 )
-from mlx_gemma_mtp.sampling import Sampling
+from mlx_gemma_mtp.runtime.sampling import Sampling
 
 Q8, Q4 = KVQuant(8, 32), KVQuant(4, 32)
 

@@ -10,9 +10,9 @@ from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.convert import convert
-from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.runtime.engine import Engine, Request
 from mlx_gemma_mtp.errors import MTPError
-from mlx_gemma_mtp.sampling import Sampling, draw, log_distribution, rejection_verify, uniform
+from mlx_gemma_mtp.runtime.sampling import Sampling, draw, log_distribution, rejection_verify, uniform
 
 
 def chi_square_p_value(observed: dict, expected: dict, min_expected: float = 5.0) -> float:

@@ -21,12 +21,15 @@ pytest.importorskip("fastapi")
 
 from mlx_gemma_mtp import generate, stream_generate  # noqa: E402
 from server_process import running_server  # noqa: E402
-import mlx_gemma_mtp.server as srv  # noqa: E402
-from mlx_gemma_mtp.demo import load_demo  # noqa: E402
-from mlx_gemma_mtp.detokenize import IncrementalDecoder  # noqa: E402
-from mlx_gemma_mtp.serve_requests import Server  # noqa: E402
-from mlx_gemma_mtp.serve_text import TextStream, ToolCallSplitter, held_suffix, split_tool_calls  # noqa: E402
-from mlx_gemma_mtp.server import APIError, Job, Worker  # noqa: E402
+import mlx_gemma_mtp.server.app as srv  # noqa: E402
+import mlx_gemma_mtp.server.worker as worker_module  # noqa: E402
+from mlx_gemma_mtp.model.demo import load_demo  # noqa: E402
+from mlx_gemma_mtp.runtime.detokenize import IncrementalDecoder  # noqa: E402
+from mlx_gemma_mtp.server.requests import Server  # noqa: E402
+from mlx_gemma_mtp.server.text import TextStream, ToolCallSplitter, held_suffix, split_tool_calls  # noqa: E402
+from mlx_gemma_mtp.server.errors import APIError  # noqa: E402
+from mlx_gemma_mtp.server.jobs import Job  # noqa: E402
+from mlx_gemma_mtp.server.worker import Worker  # noqa: E402
 
 MODEL = "gemma-mtp-demo"
 K = 3  # a fixed draft length: seeded sampling repeats only with one
@@ -476,7 +479,7 @@ TOOLS = [{"type": "function", "function": {
 
 
 def test_demo_chat_template(demo):
-    import mlx_gemma_mtp.demo as d
+    import mlx_gemma_mtp.model.demo as d
 
     config = json.loads((d.PAIR_DIR / "target" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == d.CHAT_TEMPLATE  # a rebuilt demo pair must keep it
@@ -575,7 +578,7 @@ def test_429_says_when_to_come_back():
         waits.append(int(headers["retry-after-ms"]))
     # the queued request starts at 2 s (and ends at 4 s); the first refused client would start
     # then, the next at 4 s, the one after at 5 s (each with the margin)
-    assert waits == [round(t * srv.RETRY_MARGIN) for t in (2000, 4000, 5000)]
+    assert waits == [round(t * worker_module.RETRY_MARGIN) for t in (2000, 4000, 5000)]
 
 
 def get(app, path):
@@ -599,7 +602,7 @@ def test_health_without_proc(monkeypatch):
     """macOS has no /proc: /health reports the peak resident memory from getrusage instead (and
     nothing where that is missing too), never a 500."""
     app = srv.create_app(Server(Worker(loader=None), MODEL))
-    monkeypatch.setattr(srv, "STATM", "/nonexistent/proc/self/statm")
+    monkeypatch.setattr(worker_module, "STATM", "/nonexistent/proc/self/statm")
     status, body = get(app, "/health")
     assert (status, body["status"]) == (503, "loading")  # the engine thread never started here
     assert body["resident_bytes"] > 1 << 20
@@ -649,8 +652,8 @@ def test_a_whole_reply_wakes_the_event_loop_once():
 
 ENGINE_THREAD_EXIT = """
 from mlx_gemma_mtp import generate
-from mlx_gemma_mtp.demo import load_demo
-from mlx_gemma_mtp.server import Worker
+from mlx_gemma_mtp.model.demo import load_demo
+from mlx_gemma_mtp.server.worker import Worker
 
 def loader():
     pair, tokenizer = load_demo()

@@ -12,7 +12,7 @@ import pytest
 
 import reference_models
 from mlx_gemma_mtp import batch_generate, generate, load, stream_generate
-from mlx_gemma_mtp.detokenize import IncrementalDecoder, generated_text
+from mlx_gemma_mtp.runtime.detokenize import IncrementalDecoder, generated_text
 from mlx_gemma_mtp.errors import MTPError
 
 GEMMA_MTP = str(Path(sys.executable).parent / "gemma-mtp")
@@ -116,7 +116,7 @@ def test_the_largest_seed_works(pair):
 def test_cli_keeps_the_first_space_and_refuses_bad_seeds():
     """`gemma-mtp generate --demo --raw --prompt import` echoes the prompt, then the continuation
     exactly as the whole sequence decodes (the demo's first token is " sys"-like: it keeps its space)."""
-    from mlx_gemma_mtp.demo import load_demo
+    from mlx_gemma_mtp.model.demo import load_demo
 
     model, tokenizer = load_demo()
     ids = tokenizer.encode("import")

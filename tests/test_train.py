@@ -9,10 +9,10 @@ import pytest
 
 import reference_models as ref
 from mlx_gemma_mtp import api
-from mlx_gemma_mtp import train as t
+from mlx_gemma_mtp.train import distill as t
 from mlx_gemma_mtp.convert import convert
-from mlx_gemma_mtp.cache import reserve
-from mlx_gemma_mtp.decode import Stats
+from mlx_gemma_mtp.runtime.cache import reserve
+from mlx_gemma_mtp.runtime.pair import Stats
 from mlx_gemma_mtp.errors import MTPError
 from test_generate import prompt_ids, reference_drafts, run
 
@@ -162,7 +162,7 @@ def test_quantized_target_features_survive_dequantizing_for_cpu_training(referen
 def test_empty_per_layer_config_means_full_layers_use_head_dim():
     """transformers 5.22 lists only the overrides that differ; the demo target (head_dim 64 everywhere)
     was written with `per_layer_config: {}`, which once read as global_head_dim 512."""
-    from mlx_gemma_mtp.config import attention_shapes, normalize_text_config
+    from mlx_gemma_mtp.model.config import attention_shapes, normalize_text_config
 
     text = normalize_text_config(
         {"head_dim": 64, "num_key_value_heads": 2, "num_hidden_layers": 3, "per_layer_config": {}},

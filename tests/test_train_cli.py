@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_gemma_mtp import demo
+from mlx_gemma_mtp.model import demo
 from mlx_gemma_mtp.convert import convert
 
 GEMMA_MTP = str(Path(sys.executable).parent / "gemma-mtp")

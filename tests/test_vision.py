@@ -378,7 +378,7 @@ def test_text_only_use_does_not_load_vision():
     code = (
         "import sys, mlx_gemma_mtp.vision\n"
         "assert not any(m == 'PIL' or m.startswith('mlx.') for m in sys.modules), 'vision import is not lazy'\n"
-        "import mlx_gemma_mtp.loading, mlx_gemma_mtp.api\n"
+        "import mlx_gemma_mtp.model.loading, mlx_gemma_mtp.api\n"
         "assert 'mlx_gemma_mtp.vision.model' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

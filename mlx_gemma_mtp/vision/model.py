@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_gemma_mtp.checkpoint import check_safetensors, load_tensors, read_config, weight_files
+from mlx_gemma_mtp.model.checkpoint import check_safetensors, load_tensors, read_config, weight_files
 from mlx_gemma_mtp.errors import MTPError
 
 from .encoder import CLIP_BOUNDS, ClippableLinear, TowerEmbedder, VisionArgs

@@ -20,13 +20,13 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import Pair, Stats
-from .adaptive import AdaptiveDraft, AdaptivePolicies, EveryBatch
-from .blas import openblas_loaded
-from .cache import concat_rows, reserve, set_offset
-from .decode import HOT_SHAPE
-from .engine import Batch, draft_block, generate_tokens  # the loop's internals, here only
-from .sampling import Greedy, Sampling
+from mlx_gemma_mtp.runtime.pair import Pair, Stats
+from mlx_gemma_mtp.runtime.adaptive import AdaptiveDraft, AdaptivePolicies, EveryBatch
+from mlx_gemma_mtp.bench.blas import openblas_loaded
+from mlx_gemma_mtp.runtime.cache import concat_rows, reserve, set_offset
+from mlx_gemma_mtp.runtime.pair import HOT_SHAPE
+from mlx_gemma_mtp.runtime.engine import Batch, draft_block, generate_tokens  # the loop's internals, here only
+from mlx_gemma_mtp.runtime.sampling import Greedy, Sampling
 
 
 # --- injected acceptance ---------------------------------------------------------------------
@@ -468,7 +468,7 @@ def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipe
     """The prompts as rows of one batch (greedy); timed from the moment every row has joined.
     `k`: a draft length, "adaptive" (with `controllers`, adaptive policies per batch size of the
     caller's: the engine's own are the pair's) or a policy object used at every batch size."""
-    from .engine import Engine, Request
+    from mlx_gemma_mtp.runtime.engine import Engine, Request
 
     fresh_memory()
     if hasattr(k, "choose"):
@@ -489,7 +489,7 @@ def run_batch(pair: Pair, prompts: list, max_tokens: int, k, filters: list, pipe
             out[e.uid] += e.tokens
             decoded += len(e.tokens) if start is not None else 0
         if start is None and not eng.waiting:
-            start, first_round = time.perf_counter(), eng._rounds
+            start, first_round = time.perf_counter(), eng.rounds
     seconds = time.perf_counter() - start
     submits = {n: (t[0], t[1], t[2]) for what, n, *t in eng.trace if what == "submit"}
     ks = {n: t[3] for what, n, *t in eng.trace if what == "submit"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MTPError
+from mlx_gemma_mtp.errors import MTPError
 
 PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))
 

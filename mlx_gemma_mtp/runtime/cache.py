@@ -14,7 +14,7 @@ masks come from the offsets: which slot holds which position, and what each quer
 
 import mlx.core as mx
 
-from .limits import MAX_DRAFT_TOKENS
+from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS
 
 # Ring entries beyond the sliding window: a round writes up to MAX_DRAFT_TOKENS + 1 entries, and
 # the engine may roll a row back over two rounds (one more round was queued before the row's stop

@@ -24,13 +24,14 @@ import signal
 import mlx.core as mx
 import numpy as np
 
-from .engine import Request
-from .errors import MTPError
-from .housekeeping import generation_stream
-from .prompt_pool import PromptCachePool
-from .server import APIError, processors
+from mlx_gemma_mtp.runtime.engine import Request
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.runtime.housekeeping import generation_stream
+from mlx_gemma_mtp.server.prompt_pool import PromptCachePool
+from mlx_gemma_mtp.server.errors import APIError
+from mlx_gemma_mtp.server.jobs import processors
 
-log = logging.getLogger("mlx_gemma_mtp.server")
+log = logging.getLogger("mlx_gemma_mtp.server.app")
 
 FRAME = 64 << 10  # bytes all-summed per step: a prompt of about 8k tokens fits one
 HEADER = 4  # the frame's first bytes: how many bytes of it carry data
@@ -92,7 +93,7 @@ def insert_command(key: int, job) -> dict:
 
 def request_of(pair, tokenizer, command: dict) -> Request:
     """The row's Request, rebuilt from its command the same way on every rank."""
-    from .api import make_request
+    from mlx_gemma_mtp.api import make_request
 
     request = make_request(pair, tokenizer, len(command["ids"]), **command["request"])
     settings = dict(command["processors"])
@@ -195,12 +196,12 @@ class Leader:
                 continue
             job = self.starting[command["key"]]
             if isinstance(result, Exception):
-                w._refuse(job, result)
+                w.refuse(job, result)
             else:
-                w._bind(job, result)
+                w.bind(job, result)
                 if job.cancelled:  # gone while its insert was on its way
                     self.remove(job.uid)
-                    w._retire(job)
+                    w.retire(job)
                     job.done = True
             del self.starting[command["key"]]
         return events
@@ -221,7 +222,7 @@ class Leader:
         ends them)."""
         w = self.worker
         for job in [*self.starting.values(), *w.waiting]:
-            w._end(job, ("error", APIError(500, message)))
+            w.end(job, ("error", APIError(500, message)))
         self.starting.clear()
         w.waiting.clear()
         self.broken = True
@@ -241,10 +242,10 @@ def exit_on_sigterm() -> None:
 
 def follow(pair, tokenizer, num_draft_tokens, prompt_cache_bytes: int, cache_options: dict) -> None:
     """A rank other than 0: replay rank 0's engine operations until it says stop."""
-    from .api import _engine
+    from mlx_gemma_mtp.api import make_engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
-    engine = _engine(pair, num_draft_tokens if pair.drafter is not None else 0, **cache_options)
+    engine = make_engine(pair, num_draft_tokens if pair.drafter is not None else 0, **cache_options)
     replica = Replica(pair, tokenizer, engine, PromptCachePool(prompt_cache_bytes))
     while not replica.stopped:
         try:

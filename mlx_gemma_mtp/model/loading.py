@@ -8,12 +8,12 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .checkpoint import check_safetensors, pair_folders, read_config, read_json, weight_files
-from .config import normalize_draft_config, normalize_target_config, validate_pair
-from .decode import Pair
-from .drafter import load_drafter
-from .errors import MTPError
-from .sharding import attach, launched_group, shard_target
+from mlx_gemma_mtp.model.checkpoint import check_safetensors, pair_folders, read_config, read_json, weight_files
+from mlx_gemma_mtp.model.config import normalize_draft_config, normalize_target_config, validate_pair
+from mlx_gemma_mtp.runtime.pair import Pair
+from mlx_gemma_mtp.model.drafter import load_drafter
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.model.sharding import attach, launched_group, shard_target
 
 
 def load(path, draft_path: Optional[str] = None, draft: bool = True) -> tuple[Pair, TokenizerWrapper]:

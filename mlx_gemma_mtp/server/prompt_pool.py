@@ -35,7 +35,7 @@ class PromptCachePool:
     def take(self, ids: list):
         """The entry sharing the longest prefix with `ids`, taken out; None if none can be reused
         (the engine moves a cache back at most REUSE_ROLLBACK tokens, and resets one it cannot)."""
-        from .cache import REUSE_ROLLBACK
+        from mlx_gemma_mtp.runtime.cache import REUSE_ROLLBACK
 
         best, best_n = None, 0
         for key, (pc, _) in self.entries.items():
@@ -51,7 +51,7 @@ class PromptCachePool:
     def put(self, pc) -> None:
         import mlx.core as mx
 
-        from .cache import cache_bytes
+        from mlx_gemma_mtp.runtime.cache import cache_bytes
 
         if pc is None or not pc.tokens or self.max_bytes <= 0:
             return

@@ -132,8 +132,8 @@ def random_pair(name: str, layers: int, vocab: int, experts: Optional[int] = Non
     import mlx.core as mx
     from mlx_lm.models import gemma4_text
 
-    from . import Pair
-    from .drafter import Drafter, DrafterArgs
+    from mlx_gemma_mtp.runtime.pair import Pair
+    from mlx_gemma_mtp.model.drafter import Drafter, DrafterArgs
 
     dtype = mx.float32 if dtype is None else dtype
     shape = SHAPES[name]

@@ -25,11 +25,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import DTYPE_NAMES, cast_floats, output_folder, with_dtype
-from .config import normalize_target_config, text_config_of
-from .drafter import Drafter, DrafterArgs, load_drafter
-from .errors import MTPError
-from .target import TargetView
+from mlx_gemma_mtp.model.checkpoint import DTYPE_NAMES, cast_floats, output_folder, with_dtype
+from mlx_gemma_mtp.model.config import normalize_target_config, text_config_of
+from mlx_gemma_mtp.model.drafter import Drafter, DrafterArgs, load_drafter
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.model.target import TargetView
 
 ARCHITECTURES = {
     "gemma4_assistant": "Gemma4AssistantForCausalLM",

@@ -23,10 +23,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import gemma4_text
 
-from .checkpoint import load_tensors, read_config, weight_files
-from .config import normalize_draft_config
-from .errors import MTPError
-from .quantized_cache import reader_for
+from mlx_gemma_mtp.model.checkpoint import load_tensors, read_config, weight_files
+from mlx_gemma_mtp.model.config import normalize_draft_config
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.runtime.quantized_cache import reader_for
 
 SharedKV = Dict[str, Tuple[mx.array, mx.array]]
 

@@ -33,8 +33,8 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx.utils import tree_map
 
-from .adaptive import AdaptivePolicies
-from .errors import MTPError
+from mlx_gemma_mtp.runtime.adaptive import AdaptivePolicies
+from mlx_gemma_mtp.errors import MTPError
 
 # environment variables a launcher sets in every process it starts (mlx.launch: ring, jaccl and
 # nccl set MLX_RANK; mpirun sets OMPI_COMM_WORLD_SIZE)

@@ -16,8 +16,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cache import GROW_STEP, FullCache, SlidingCache
-from .errors import MTPError
+from mlx_gemma_mtp.runtime.cache import GROW_STEP, FullCache, SlidingCache
+from mlx_gemma_mtp.errors import MTPError
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)

@@ -10,7 +10,7 @@ import sysconfig
 import zlib
 from pathlib import Path
 
-PAIR_DIR = Path(__file__).parent / "demo_pair"
+PAIR_DIR = Path(__file__).parents[1] / "demo_pair"
 HELD_OUT_EVERY = 20  # one file in 20 is never trained on
 
 # The demo target's chat template (in demo_pair/target/tokenizer_config.json), for `gemma-mtp serve
@@ -88,7 +88,7 @@ def held_out_prompts(count: int, min_chars: int = 2000, prompt_lines: int = 12) 
 
 
 def demo_available() -> bool:
-    from .checkpoint import has_manifest
+    from mlx_gemma_mtp.model.checkpoint import has_manifest
 
     return has_manifest(PAIR_DIR)
 
@@ -98,8 +98,8 @@ def load_demo(draft: bool = True):
     on the CPU it computes in float32 (MLX's CPU matmuls are fast in float32 only)."""
     import mlx.core as mx
 
-    from .loading import load
-    from .errors import MTPError
+    from mlx_gemma_mtp.model.loading import load
+    from mlx_gemma_mtp.errors import MTPError
 
     if not demo_available():
         raise MTPError(f"the demo pair is missing from {PAIR_DIR} (rebuild it: python demo/build.py)")

@@ -23,13 +23,13 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from .adaptive import DraftPolicies, EveryBatch, FixedDraft
-from .cache import concat_rows, reserve, set_offset, take_rows
-from .decode import Pair, PromptCache, Stats, reuse_prompt_cache
-from .housekeeping import RELEASE_EVERY, generation_stream, release_cache
-from .limits import MAX_DRAFT_TOKENS, check_draft_tokens
-from .quantized_cache import is_quantized, quantize_cache
-from .sampling import Sampling, group_key, process, strategy_of
+from mlx_gemma_mtp.runtime.adaptive import DraftPolicies, EveryBatch, FixedDraft
+from mlx_gemma_mtp.runtime.cache import concat_rows, reserve, set_offset, take_rows
+from mlx_gemma_mtp.runtime.pair import Pair, PromptCache, Stats, reuse_prompt_cache
+from mlx_gemma_mtp.runtime.housekeeping import RELEASE_EVERY, generation_stream, release_cache
+from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, check_draft_tokens
+from mlx_gemma_mtp.runtime.quantized_cache import is_quantized, quantize_cache
+from mlx_gemma_mtp.runtime.sampling import Sampling, group_key, process, strategy_of
 
 PREFILL_STEP = 512
 IDLE_PREFILL_CHUNKS = 8  # prefill chunks per step while no row is decoding
@@ -132,7 +132,8 @@ class Engine:
         # set to a list to record ("submit", round, start, graph built, queued, K) and ("read",
         # round, results ready)
         self.trace: Optional[list] = None
-        self._uid = self._rounds = self._released = 0
+        self.rounds = 0  # rounds submitted so far
+        self._uid = self._released = 0
         self._last_read = None
         self._after_cold = False  # the last round read had a warm-up forward
 
@@ -167,8 +168,8 @@ class Engine:
         """Prefill one chunk of a waiting row, queue a round, read the one before it."""
         with mx.stream(generation_stream):
             events = self._step()
-        if self._rounds - self._released >= RELEASE_EVERY:
-            self._released = self._rounds
+        if self.rounds - self._released >= RELEASE_EVERY:
+            self._released = self.rounds
             release_cache()
         return events
 
@@ -347,14 +348,14 @@ class Engine:
         reserve(b.cache, max(r.offset for r in rows) + in_flight + k + 1)
         cold = self.pair.cold_forwards
         rnd = build_round(self.pair, b, rows, k)
-        rnd.policy, rnd.number, rnd.cold = policy, self._rounds + 1, self.pair.cold_forwards != cold
+        rnd.policy, rnd.number, rnd.cold = policy, self.rounds + 1, self.pair.cold_forwards != cold
         built = time.perf_counter()
         mx.async_eval(rnd.tokens, rnd.accepted, rnd.drafts, rnd.logprobs, b.token, b.hidden, [c.state for c in b.cache])
         rnd.queue_seconds = time.perf_counter() - built
         self.queued.append(rnd)
-        self._rounds += 1
+        self.rounds += 1
         if self.trace is not None:
-            self.trace.append(("submit", self._rounds, start, built, time.perf_counter(), k))
+            self.trace.append(("submit", self.rounds, start, built, time.perf_counter(), k))
 
     def _read(self, rnd: Round) -> list:
         """The round's one host synchronization; returns each live row's event."""

@@ -23,9 +23,13 @@ from typing import Optional
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .errors import MTPError
-from .openai_schema import ChatCompletionRequest, CompletionRequest
-from .server import MAX_BODY_BYTES, APIError, Job, Worker, bad, validation_error
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.server.schema import ChatCompletionRequest, CompletionRequest
+from mlx_gemma_mtp.server.errors import APIError, bad, validation_error
+from mlx_gemma_mtp.server.jobs import Job
+from mlx_gemma_mtp.server.worker import Worker
+
+MAX_BODY_BYTES = 16 << 20  # --max-body-bytes' default
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # the engine's limit (and OpenAI's for chat)
@@ -227,7 +231,7 @@ class Server:
         return ids, tools
 
     def completion_ids(self, body: CompletionRequest) -> list:
-        from .api import prompt_ids
+        from mlx_gemma_mtp.api import prompt_ids
 
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -252,7 +256,7 @@ class Server:
     def check(self, body, max_tokens: Optional[int], top_logprobs: Optional[int]) -> dict:
         """Check the settings that do not depend on the prompt (before it is encoded, which can
         take long) -> what `job` builds the row from."""
-        from .limits import check_draft_tokens
+        from mlx_gemma_mtp.limits import check_draft_tokens
 
         if body.n is not None and body.n < 1:
             raise bad(f"n must be at least 1, got {body.n}", "n")
@@ -297,7 +301,7 @@ class Server:
     def job(self, body, ids: list, settings: dict, top_logprobs: Optional[int]) -> Job:
         """Build the row's Request from the checked `settings` (without MLX: processors that need
         arrays are built in the engine thread)."""
-        from .api import make_request
+        from mlx_gemma_mtp.api import make_request
 
         max_tokens, stops, bias = settings["max_tokens"], settings["stops"], settings["bias"]
         temperature = 1.0 if body.temperature is None else body.temperature

@@ -11,10 +11,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .adaptive import AdaptivePolicies
-from .cache import REUSE_ROLLBACK, set_offset
-from .drafter import Drafter
-from .target import TargetView, target_view
+from mlx_gemma_mtp.runtime.adaptive import AdaptivePolicies
+from mlx_gemma_mtp.runtime.cache import REUSE_ROLLBACK, set_offset
+from mlx_gemma_mtp.model.drafter import Drafter
+from mlx_gemma_mtp.model.target import TargetView, target_view
 
 # Distinct input shapes (batch size, tokens, full-cache capacity) a compiled step keeps traces for,
 # so a long-lived process holds a bounded number of traces: past this the draft step starts afresh,

@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from typing import Callable, Optional
 
-from .detokenize import IncrementalDecoder
+from mlx_gemma_mtp.runtime.detokenize import IncrementalDecoder
 
 
 # --- text: detokenization, stop strings, log-probabilities (engine thread) -----------------------

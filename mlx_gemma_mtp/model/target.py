@@ -13,8 +13,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 
-from .cache import make_target_cache
-from .quantized_cache import QuantizedRead, dequantize, is_quantized, make_quantized_cache
+from mlx_gemma_mtp.runtime.cache import make_target_cache
+from mlx_gemma_mtp.runtime.quantized_cache import QuantizedRead, dequantize, is_quantized, make_quantized_cache
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TargetView:
     text: nn.Module  # mlx_lm gemma4_text.Model
     producers: dict  # layer type -> index of the cache holding the K/V the drafter reads
     # with a quantized cache: the drafter reads dequantized producer K/V (True) or attends to the
-    # triples with quantized attention (False); benchmarks/quantized_kv_speed.py measures both
+    # triples with quantized attention (False); `benchmarks/quantized_kv.py speed` measures both
     drafter_dequantizes: bool = False
     # on a rank of a group (sharding.py): the cache list as the sharded layers see it (producer
     # caches hold every KV head for the drafter; their attention reads this rank's heads)

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from .errors import MTPError
-from .limits import MAX_SEED
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.limits import MAX_SEED
 
 PURPOSES = {"draft": 0x68E31DA4, "accept": 0xB5297A4D, "residual": 0x1B56C4E9, "bonus": 0x7FEB352D}
 

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from .errors import MTPError
+from mlx_gemma_mtp.errors import MTPError
 
 MANIFEST = "mtp.json"
 FORMAT = "mlx-gemma-mtp/1"

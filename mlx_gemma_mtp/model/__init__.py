@@ -1,0 +1,1 @@
+"""The model side: checkpoints, configs, loading, the target view, the drafter, sharding."""

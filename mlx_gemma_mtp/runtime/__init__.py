@@ -1,0 +1,1 @@
+"""The runtime: the engine, rounds, caches, sampling, draft-length policies, text."""

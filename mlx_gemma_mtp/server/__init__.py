@@ -1,0 +1,1 @@
+"""`gemma-mtp serve`: the HTTP APIs as thin translations onto one engine thread."""

@@ -1,0 +1,1 @@
+"""`gemma-mtp train-drafter`: drafter training by self-distillation."""
