@@ -20,6 +20,8 @@ from mlx_gemma_mtp.limits import check_draft_tokens, fit_max_tokens
 from mlx_gemma_mtp.model.loading import load  # noqa: F401  (the API's `load`)
 from mlx_gemma_mtp.runtime.quantized_cache import check_kv_quant
 from mlx_gemma_mtp.runtime.sampling import Sampling
+from mlx_gemma_mtp import structured
+from mlx_gemma_mtp.structured import Grammar
 
 
 @dataclass
@@ -71,8 +73,16 @@ def make_request(
     logits_processors: Optional[list] = None,
     prompt_cache: Optional[PromptCache] = None,
     draft_filter: Optional[Callable] = None,
+    response_format: Optional[dict] = None,
+    json_schema=None,
+    grammar: Optional[Grammar] = None,
 ) -> Request:
-    """One row's settings, checked; max_tokens is shortened to what the context leaves."""
+    """One row's settings, checked; max_tokens is shortened to what the context leaves.
+
+    Structured output (at most one of): `response_format` as OpenAI's ({"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name", "schema"}}, or this project's {"type":
+    "grammar", "lark": ...} / {"type": "regex", "regex": ...}); `json_schema` (a schema dict or
+    its JSON text); `grammar` (a `structured.Grammar`, compiled once for many rows)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise MTPError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
     max_tokens = fit_max_tokens(prompt_length, max_tokens, pair.view.args.max_position_embeddings)
@@ -90,7 +100,28 @@ def make_request(
             raise MTPError(f"repetition_context_size must be a whole number >= 1, got {repetition_context_size!r}")
         processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
     sampling = Sampling(temperature, top_p, top_k, min_p, sampler=sampler, logits_processors=processors, seed=seed)
-    return Request(max_tokens, sampling, frozenset(tokenizer.eos_token_ids or ()), prompt_cache, draft_filter)
+    eos_ids = frozenset(tokenizer.eos_token_ids or ())
+    request = Request(max_tokens, sampling, eos_ids, prompt_cache, draft_filter)
+    grammar = structured_grammar(pair, tokenizer, response_format, json_schema, grammar)
+    if grammar is not None:
+        request.constraint = grammar.constraint(tokenizer, pair.view.args.vocab_size, eos_ids)
+    return request
+
+
+def structured_grammar(pair: Pair, tokenizer, response_format=None, json_schema=None, grammar=None):
+    """The one Grammar the structured-output arguments ask for, or None."""
+    given = [name for name, v in (("response_format", response_format), ("json_schema", json_schema),
+                                  ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise MTPError(f"give at most one of response_format, json_schema and grammar, got {', '.join(given)}")
+    vocab = pair.view.args.vocab_size
+    if response_format is not None:
+        return structured.response_format(response_format, tokenizer, vocab)
+    if json_schema is not None:
+        return structured.json_schema(json_schema, tokenizer, vocab)
+    if grammar is not None and not isinstance(grammar, Grammar):
+        raise MTPError(f"grammar must be a structured.Grammar, got {type(grammar).__name__}")
+    return grammar
 
 
 def make_engine(pair: Pair, num_draft_tokens, kv_bits=None, kv_group_size=64, quantized_kv_start=0,
@@ -123,7 +154,8 @@ def stream_generate(
     """Yield a Response per generated token; the last one carries `stats` and `finish_reason`.
 
     Keyword arguments (see `make_request`): temperature, top_p, top_k, min_p,
-    repetition_penalty, repetition_context_size, seed, sampler, logits_processors, prompt_cache.
+    repetition_penalty, repetition_context_size, seed, sampler, logits_processors, prompt_cache,
+    and structured output: response_format, json_schema or grammar.
     Sampling arguments mean what they mean in mlx-lm (`sampler` / `logits_processors` built with
     mlx_lm.sample_utils are accepted too); temperature 0 is greedy. With a drafter, the output
     follows the target's own distribution exactly. `prompt_cache` (from `make_prompt_cache`) keeps
@@ -219,6 +251,9 @@ def batch_generate(
         return [value] * n
 
     ids = [prompt_ids(pair, tokenizer, p) for p in prompts]
+    for name in ("response_format", "json_schema"):  # one grammar for every row: compiled once
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], (list, tuple)) and "grammar" not in kwargs:
+            kwargs["grammar"] = structured_grammar(pair, tokenizer, **{name: kwargs.pop(name)})
     columns = {name: per_row(name, v) for name, v in {"max_tokens": max_tokens, **kwargs}.items()}
     requests = [
         make_request(pair, tokenizer, len(ids[i]), **{name: col[i] for name, col in columns.items()})

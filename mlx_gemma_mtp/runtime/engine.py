@@ -13,7 +13,9 @@ Rows join and leave between rounds: `insert` queues a prompt (prefilled in chunk
 each row emitted. `stream_generate`/`generate` are this engine with one row.
 
 Rows with logits processors (which need every token before the one they judge) run their rounds
-read-then-queue: the host knows each row's tokens before it builds the next round.
+read-then-queue: the host knows each row's tokens before it builds the next round. Rows with a
+grammar constraint (runtime.grammar) do too, and their rounds read the drafts before verifying
+them: the host computes each verification position's mask from the drafts before it.
 """
 
 import time
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_gemma_mtp.runtime.adaptive import DraftPolicies, EveryBatch, FixedDraft
 from mlx_gemma_mtp.runtime.cache import concat_rows, reserve, set_offset, take_rows
+from mlx_gemma_mtp.runtime.grammar import Constraint, apply_masks
 from mlx_gemma_mtp.runtime.pair import Pair, PromptCache, Stats, reuse_prompt_cache
 from mlx_gemma_mtp.runtime.housekeeping import RELEASE_EVERY, generation_stream, release_cache
 from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, check_draft_tokens
@@ -49,6 +53,8 @@ class Request:
     # log-probabilities of the emitted tokens (and this many alternatives, 0..20), from the
     # verification logits after processors: drafted tokens have them too
     logprobs: Optional[int] = None
+    # a grammar the row's tokens must follow (its own matcher: one per row)
+    constraint: Optional[Constraint] = None
 
 
 @dataclass
@@ -279,6 +285,8 @@ class Engine:
         logits = self.view.logits(hidden)[:, 0]
         if sampling.logits_processors:
             logits = process(sampling, logits, mx.array(row.prompt, mx.int32))
+        if row.request.constraint is not None:
+            logits = apply_masks(logits, mx.array(row.request.constraint.mask()[None]))
         seed = mx.array([sampling.seed or 0], mx.uint32)
         token = strategy_of(sampling).first(logits, seed, mx.array([len(row.prompt)]))[:, None]
         n = row.request.logprobs
@@ -333,7 +341,8 @@ class Engine:
     # --- rounds -------------------------------------------------------------------------------
 
     def _pipelined(self) -> bool:
-        return self.pipelined and not any(self.rows[u].request.sampling.logits_processors for u in self.batch.uids)
+        return self.pipelined and not any(self.rows[u].request.sampling.logits_processors
+                                          or self.rows[u].request.constraint for u in self.batch.uids)
 
     def _submit(self) -> None:
         start = time.perf_counter()
@@ -420,6 +429,8 @@ class Engine:
                 logprobs = None if logprobs is None else logprobs[: n + 1]
                 break
         row.stats.generated_tokens = len(row.emitted)
+        if row.request.constraint is not None and row.error is None:
+            row.error = row.request.constraint.advance(tokens)
         if row.finish is not None and row.uid in self.rows and row not in self.waiting:
             if self.batch is None or row.uid not in self.batch.uids:
                 self._leave([row])  # stopped at its first token: it never joined
@@ -500,9 +511,14 @@ def build_round(pair: Pair, batch: Batch, rows: list, k: int) -> Round:
                 r.request.draft_filter(drafts[i : i + 1], position[i : i + 1]) if r.request.draft_filter
                 else drafts[i : i + 1] for i, r in enumerate(rows)
             ])
+    masks = None
+    if any(r.request.constraint for r in rows):
+        masks, drafts, log_q = _constrained(rows, drafts, log_q, k)
     verified, logits = pair.verify(mx.concatenate([batch.token, drafts], axis=1), batch.cache)
     if any(r.request.sampling.logits_processors for r in rows):
         logits = mx.concatenate([_processed(r, logits[i : i + 1], drafts[i]) for i, r in enumerate(rows)])
+    if masks is not None:
+        logits = apply_masks(logits, masks)
     if log_q is None and any(s.samples_drafts for s, _ in groups):
         log_q = mx.zeros((B, k, 1))  # no rejection row drafted (k == 0)
     accepted, tokens = _by_group(
@@ -530,6 +546,35 @@ def _logprobs(logits: mx.array, tokens: mx.array, top: int) -> tuple:
     values = mx.take_along_axis(lp, ids, axis=-1)
     order = mx.argsort(-values, axis=-1)  # most likely first
     return chosen, mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+
+
+def _constrained(rows: list, drafts: mx.array, log_q, k: int) -> tuple:
+    """The verification masks [B, k+1, W] of the constrained rows (unconstrained rows: all
+    allowed), and the drafts (and log q) with forced tokens in place. Reads the drafts: the one
+    extra synchronization of a round with constrained rows."""
+    host = drafts.tolist() if k else [[] for _ in rows]  # evaluates the drafter's block
+    words, forced, any_forced = [], [], False
+    for i, row in enumerate(rows):
+        c = row.request.constraint
+        if c is None:
+            words.append(None)
+            forced.append([-1] * k)
+            continue
+        m = c.round_masks(host[i])
+        words.append(m.words)
+        host[i], any_forced = m.drafts, any_forced or any(f >= 0 for f in m.forced)
+        forced.append(m.forced)
+    width = next(w.shape[1] for w in words if w is not None)
+    full = np.full((k + 1, width), -1, np.int32)
+    masks = mx.array(np.stack([full if w is None else w for w in words]))
+    if any_forced:
+        drafts = mx.array(host, mx.int32).reshape(len(rows), k)
+        if log_q is not None:
+            # a forced draft was "drawn" from a point mass: its ratio p / q is 1 (p is a point mass too)
+            f = mx.array(forced, mx.int32)[..., None]
+            point = mx.where(mx.arange(log_q.shape[-1]) == f, 0.0, -float("inf")).astype(log_q.dtype)
+            log_q = mx.where(f >= 0, point, log_q)
+    return masks, drafts, log_q
 
 
 def _processed(row: Row, logits: mx.array, drafts: mx.array) -> mx.array:

@@ -1,0 +1,189 @@
+"""Structured output: grammars (JSON Schema, JSON, Lark, regex, Gemma 4 tool calls) compiled with
+llguidance into per-row constraints (runtime.grammar.Constraint).
+
+A `Grammar` is compiled once and checked against the tokenizer (a bad one raises MTPError naming
+what is wrong); each row gets its own matcher from it (`Grammar.constraint`), since a matcher's
+state is its row's tokens. llguidance's tokenizer is built once per (tokenizer, vocabulary) and
+cached: it takes ~1 s for a real vocabulary.
+"""
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.runtime.grammar import Constraint
+
+# JSON as one line with compact separators: whitespace a grammar leaves free lets a weak model
+# wander (spaces forever); the text is valid JSON either way
+JSON_OPTIONS = {"whitespace_flexible": False}
+TOOL_CALL_START, TOOL_CALL_END = "<|tool_call>", "<tool_call|>"
+
+_tokenizers: dict = {}
+_lock = threading.Lock()
+
+
+def llg_tokenizer(tokenizer, vocab_size: int):
+    """llguidance's tokenizer for an HF (or mlx-lm wrapped) tokenizer, cached per tokenizer."""
+    import llguidance.hf
+
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper holds the HF one
+    key = (id(hf), vocab_size)
+    with _lock:
+        entry = _tokenizers.get(key)
+        if entry is None or entry[0] is not hf:
+            entry = (hf, llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size))
+            _tokenizers[key] = entry  # keeps hf alive, so its id is not reused
+        return entry[1]
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled grammar (llguidance's serialized form), checked against a tokenizer."""
+
+    text: str
+    what: str  # e.g. "json_schema": for messages
+
+    def constraint(self, tokenizer, vocab_size: int, eos_ids=()) -> Constraint:
+        """A fresh matcher for one row."""
+        import llguidance
+
+        lt = llg_tokenizer(tokenizer, vocab_size)
+        matcher = llguidance.LLMatcher(lt, self.text)
+        if matcher.is_error():
+            raise MTPError(f"{self.what}: {first_line(matcher.get_error())}")
+        return Constraint(matcher, vocab_size, lt.eos_token, frozenset(eos_ids))
+
+
+def first_line(message: str) -> str:
+    return " ".join(message.strip().splitlines()[:3])[:500]
+
+
+def check(grammar: Grammar, tokenizer, vocab_size: int) -> Grammar:
+    """The grammar, if llguidance can build a matcher for it; else MTPError naming the error."""
+    import llguidance
+
+    lt = llg_tokenizer(tokenizer, vocab_size)
+    matcher = llguidance.LLMatcher(lt, grammar.text)
+    if matcher.is_error():
+        raise MTPError(f"{grammar.what}: {first_line(matcher.get_error())}")
+    return grammar
+
+
+def json_schema(schema, tokenizer, vocab_size: int, what: str = "json_schema") -> Grammar:
+    """A JSON Schema (a dict, or its JSON text) as a checked Grammar."""
+    import llguidance
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise MTPError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise MTPError(f"{what} must be a JSON Schema object, got {type(schema).__name__}")
+    try:
+        text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise MTPError(f"{what}: {first_line(str(e))}") from None
+    return check(Grammar(text, what), tokenizer, vocab_size)
+
+
+def lark(source: str, tokenizer, vocab_size: int, what: str = "grammar") -> Grammar:
+    import llguidance
+
+    if not isinstance(source, str):
+        raise MTPError(f"{what} must be a string of Lark grammar")
+    try:
+        text = llguidance.LLMatcher.grammar_from_lark(source)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise MTPError(f"{what}: {first_line(str(e))}") from None
+    return check(Grammar(text, what), tokenizer, vocab_size)
+
+
+def regex(pattern: str, tokenizer, vocab_size: int, what: str = "regex") -> Grammar:
+    import llguidance
+
+    if not isinstance(pattern, str):
+        raise MTPError(f"{what} must be a string")
+    try:
+        text = llguidance.LLMatcher.grammar_from_regex(pattern)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise MTPError(f"{what}: {first_line(str(e))}") from None
+    return check(Grammar(text, what), tokenizer, vocab_size)
+
+
+def response_format(fmt, tokenizer, vocab_size: int, what: str = "response_format") -> Optional[Grammar]:
+    """OpenAI's response_format (and this project's grammar/regex extension) as a Grammar; None
+    for {"type": "text"}."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise MTPError(f"{what} must be an object")
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return json_schema({"type": "object"}, tokenizer, vocab_size, what)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise MTPError(f"{what}.json_schema must be an object with 'name' and 'schema'")
+        if not isinstance(spec.get("name"), str):
+            raise MTPError(f"{what}.json_schema.name must be a string")
+        schema = spec.get("schema", {})
+        return json_schema(schema, tokenizer, vocab_size, f"{what}.json_schema.schema")
+    if kind == "grammar":  # this project's extension: {"type": "grammar", "lark": "..."}
+        return lark(fmt.get("lark"), tokenizer, vocab_size, f"{what}.lark")
+    if kind == "regex":  # {"type": "regex", "regex": "..."}
+        return regex(fmt.get("regex"), tokenizer, vocab_size, f"{what}.regex")
+    raise MTPError(f"{what}.type must be 'text', 'json_object', 'json_schema', 'grammar' or 'regex', got {kind!r}")
+
+
+# --- Gemma 4 tool calls ----------------------------------------------------------------------------
+
+
+def _marker(tokenizer, text: str) -> str:
+    """A tool-call marker in Lark: its special token where the vocabulary has one, else its text."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    ids = hf.encode(text, add_special_tokens=False)
+    return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(text)
+
+
+def tool_calls(tools: list, tokenizer, vocab_size: int, what: str = "tool_choice") -> Grammar:
+    """One Gemma 4 tool call to one of `tools` (OpenAI tool dicts): `<|tool_call>call:NAME{...}<tool_call|>`
+    with arguments that match the tool's parameters schema.
+
+    The arguments are written as JSON (quoted keys, "strings"), which mlx-lm's Gemma 4 parser reads
+    as it is (it quotes only bare keys and converts only <|"|> strings); its call regex balances
+    braces, so strings hold no '{' or '}' (the schema is narrowed so).
+    """
+    start, end = _marker(tokenizer, TOOL_CALL_START), _marker(tokenizer, TOOL_CALL_END)
+    rules = []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = no_braces_in_strings(function.get("parameters") or {"type": "object", "properties": {}})
+        schema = {**schema, "x-guidance": JSON_OPTIONS}
+        rules.append(f"call{i}: {json.dumps('call:' + function['name'])} %json {json.dumps(schema)}")
+    calls = " | ".join(f"call{i}" for i in range(len(tools)))
+    source = f"start: {start} ({calls}) {end}\n" + "\n".join(rules) + "\n"
+    return lark(source, tokenizer, vocab_size, what)
+
+
+BRACELESS = "^[^{}]*$"
+
+
+def no_braces_in_strings(schema):
+    """The schema with every string that has no pattern of its own held free of braces."""
+    if isinstance(schema, list):
+        return [no_braces_in_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: no_braces_in_strings(v) if k not in ("enum", "const", "default", "examples") else v
+           for k, v in schema.items()}
+    kind = schema.get("type")
+    stringy = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if stringy and "pattern" not in schema and "enum" not in schema and "const" not in schema \
+            and "format" not in schema:
+        out["pattern"] = BRACELESS
+    return out
