@@ -9,7 +9,7 @@ cached: it takes ~1 s for a real vocabulary.
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from mlx_gemma_mtp.errors import MTPError
@@ -40,20 +40,18 @@ def llg_tokenizer(tokenizer, vocab_size: int):
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled grammar (llguidance's serialized form), checked against a tokenizer."""
+    """A compiled grammar, checked against a tokenizer: `matcher` is its start state, which each
+    row copies (building it is the costly part: lexers; copying is cheap)."""
 
-    text: str
+    text: str  # llguidance's serialized form
     what: str  # e.g. "json_schema": for messages
+    matcher: object = field(default=None, compare=False, repr=False)
+    eos: int = 0  # the grammar tokenizer's EOS
 
     def constraint(self, tokenizer, vocab_size: int, eos_ids=()) -> Constraint:
         """A fresh matcher for one row."""
-        import llguidance
-
-        lt = llg_tokenizer(tokenizer, vocab_size)
-        matcher = llguidance.LLMatcher(lt, self.text)
-        if matcher.is_error():
-            raise MTPError(f"{self.what}: {first_line(matcher.get_error())}")
-        return Constraint(matcher, vocab_size, lt.eos_token, frozenset(eos_ids))
+        grammar = self if self.matcher is not None else check(self, tokenizer, vocab_size)
+        return Constraint(grammar.matcher.deep_copy(), vocab_size, grammar.eos, frozenset(eos_ids))
 
 
 def first_line(message: str) -> str:
@@ -68,7 +66,7 @@ def check(grammar: Grammar, tokenizer, vocab_size: int) -> Grammar:
     matcher = llguidance.LLMatcher(lt, grammar.text)
     if matcher.is_error():
         raise MTPError(f"{grammar.what}: {first_line(matcher.get_error())}")
-    return grammar
+    return Grammar(grammar.text, grammar.what, matcher, lt.eos_token)
 
 
 def json_schema(schema, tokenizer, vocab_size: int, what: str = "json_schema") -> Grammar:
@@ -151,7 +149,11 @@ def _marker(tokenizer, text: str) -> str:
 
 
 def tool_calls(tools: list, tokenizer, vocab_size: int, what: str = "tool_choice") -> Grammar:
-    """One Gemma 4 tool call to one of `tools` (OpenAI tool dicts): `<|tool_call>call:NAME{...}<tool_call|>`
+    return lark(tool_call_lark(tools, tokenizer), tokenizer, vocab_size, what)
+
+
+def tool_call_lark(tools: list, tokenizer) -> str:
+    """Lark for one Gemma 4 tool call to one of `tools` (OpenAI tool dicts): `<|tool_call>call:NAME{...}<tool_call|>`
     with arguments that match the tool's parameters schema.
 
     The arguments are written as JSON (quoted keys, "strings"), which mlx-lm's Gemma 4 parser reads
@@ -163,11 +165,11 @@ def tool_calls(tools: list, tokenizer, vocab_size: int, what: str = "tool_choice
     for i, tool in enumerate(tools):
         function = tool["function"]
         schema = no_braces_in_strings(function.get("parameters") or {"type": "object", "properties": {}})
-        schema = {**schema, "x-guidance": JSON_OPTIONS}
+        # arguments beyond the declared ones would not match the tool's signature
+        schema = {"additionalProperties": False, **schema, "x-guidance": JSON_OPTIONS}
         rules.append(f"call{i}: {json.dumps('call:' + function['name'])} %json {json.dumps(schema)}")
     calls = " | ".join(f"call{i}" for i in range(len(tools)))
-    source = f"start: {start} ({calls}) {end}\n" + "\n".join(rules) + "\n"
-    return lark(source, tokenizer, vocab_size, what)
+    return f"start: {start} ({calls}) {end}\n" + "\n".join(rules) + "\n"
 
 
 BRACELESS = "^[^{}]*$"

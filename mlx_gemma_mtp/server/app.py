@@ -210,15 +210,14 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
         if body is None:
             return gone()
         server.check_model(body.model)
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise bad("response_format other than text is not supported", "response_format", "unsupported_value")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         settings = server.check(body, max_tokens, top)
         ids, tools = await run_in_threadpool(server.chat_ids, body)
-        job = server.job(body, ids, settings, top)
+        grammar = await run_in_threadpool(server.structured, body, tools)
+        job = server.job(body, ids, settings, top, grammar)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": server.model_id}
         tok = server.tokenizer

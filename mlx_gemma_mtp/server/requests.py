@@ -154,9 +154,6 @@ def chosen_tools(body: ChatCompletionRequest) -> Optional[list]:
     check_tools(tools)
     if choice is not None and not tools:
         raise bad("tool_choice is only allowed when tools are given", "tool_choice")
-    if choice == "required":  # the model would have to be made to call one: not done yet
-        raise bad("tool_choice 'required' is not supported yet: use 'auto' or name a function", "tool_choice",
-                  "unsupported_value")
     if not tools or choice == "none":
         return None
     if isinstance(choice, dict):
@@ -169,8 +166,8 @@ def chosen_tools(body: ChatCompletionRequest) -> Optional[list]:
         if not named:
             raise bad(f"tool_choice names '{name}', which is not among the tools", "tool_choice")
         return named
-    if choice not in (None, "auto"):
-        raise bad(f"tool_choice must be 'none', 'auto' or a function, got {choice!r}", "tool_choice")
+    if choice not in (None, "auto", "required"):
+        raise bad(f"tool_choice must be 'none', 'auto', 'required' or a function, got {choice!r}", "tool_choice")
     return tools
 
 
@@ -229,6 +226,34 @@ class Server:
         ids = list(ids)
         self.check_length(ids, "messages")
         return ids, tools
+
+    def structured(self, body: ChatCompletionRequest, tools: Optional[list]) -> Optional[tuple]:
+        """(Grammar, the response_format every rank rebuilds it from) for a structured
+        response_format or a forced tool choice (required, or a named function); None if neither.
+        Compiling can take long for a large schema: call it in a worker thread."""
+        from mlx_gemma_mtp import structured
+
+        forced = tools is not None and (body.tool_choice == "required" or isinstance(body.tool_choice, dict))
+        fmt = body.response_format
+        wants_format = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text"))
+        if forced and wants_format:
+            raise bad("a structured response_format and a forced tool_choice cannot be combined", "response_format",
+                      "unsupported_value")
+        vocab = self.pair.view.args.vocab_size
+        if forced:
+            if not self.tokenizer.has_tool_calling:
+                raise bad("the model's tokenizer has no tool-call format: tool_choice cannot force a call",
+                          "tool_choice", "unsupported_value")
+            fmt, param = {"type": "grammar", "lark": structured.tool_call_lark(tools, self.tokenizer)}, "tool_choice"
+        elif wants_format:
+            param = "response_format"
+        else:
+            return None
+        try:
+            grammar = structured.response_format(fmt, self.tokenizer, vocab, param)
+        except MTPError as e:
+            raise bad(str(e), param) from None
+        return grammar, fmt
 
     def completion_ids(self, body: CompletionRequest) -> list:
         from mlx_gemma_mtp.api import prompt_ids
@@ -298,9 +323,9 @@ class Server:
                           "unsupported_value")
         return {"max_tokens": max_tokens, "stops": stops, "bias": bias}
 
-    def job(self, body, ids: list, settings: dict, top_logprobs: Optional[int]) -> Job:
+    def job(self, body, ids: list, settings: dict, top_logprobs: Optional[int], structured=None) -> Job:
         """Build the row's Request from the checked `settings` (without MLX: processors that need
-        arrays are built in the engine thread)."""
+        arrays are built in the engine thread); `structured`: `Server.structured`'s answer."""
         from mlx_gemma_mtp.api import make_request
 
         max_tokens, stops, bias = settings["max_tokens"], settings["stops"], settings["bias"]
@@ -313,7 +338,10 @@ class Server:
             if getattr(body, name) is not None:
                 kwargs[name] = getattr(body, name)
         try:
-            request = make_request(self.pair, self.tokenizer, len(ids), max_tokens, **kwargs)
+            grammar = None if structured is None else structured[0]
+            request = make_request(self.pair, self.tokenizer, len(ids), max_tokens, grammar=grammar, **kwargs)
+            if structured is not None:
+                kwargs["response_format"] = structured[1]  # other ranks compile it again
         except MTPError as e:  # its messages begin with the argument's name
             name = str(e).split(" ", 1)[0]
             raise bad(str(e), name if name in type(body).model_fields else None) from None
