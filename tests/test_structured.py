@@ -26,6 +26,7 @@ from mlx_gemma_mtp.runtime.cache import reserve  # noqa: E402
 from mlx_gemma_mtp.runtime.grammar import allowed, single_token  # noqa: E402
 from mlx_gemma_mtp.runtime.sampling import Sampling, log_distribution  # noqa: E402
 
+MODEL = "gemma-mtp-demo"
 SMALL_INT = {"type": "integer", "minimum": 0, "maximum": 99}
 
 
@@ -247,7 +248,7 @@ def client(tmp_path_factory):
 def test_server_json_schema(client):
     schema = SCHEMAS[0]
     for temperature, stream in ((0.0, False), (1.0, False), (0.7, True)):
-        kwargs = dict(model="demo", messages=[{"role": "user", "content": "A user as JSON"}], max_tokens=MAX_TOKENS,
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "A user as JSON"}], max_tokens=MAX_TOKENS,
                       temperature=temperature, seed=1,
                       response_format={"type": "json_schema", "json_schema": {"name": "u", "schema": schema,
                                                                               "strict": True}})
@@ -257,23 +258,23 @@ def test_server_json_schema(client):
         else:
             text = client.chat.completions.create(**kwargs).choices[0].message.content
         jsonschema.validate(json.loads(text), schema)
-    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=40,
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=40,
                                            response_format={"type": "json_object"})
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
 
 def test_server_bad_schema_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "x", "schema": {"type": "nope"}}})
     assert "nope" in str(e.value) and e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
                                        response_format={"type": "json_schema", "json_schema": {
                                            "name": "x", "schema": {"type": "string", "pattern": "("}}})
     # the server is still up
-    client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
 
 TOOLS = [
@@ -288,7 +289,7 @@ def test_server_tool_choice_required_and_named(client):
                           ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})):
         for temperature in (0.0, 1.0):
             reply = client.chat.completions.create(
-                model="demo", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=MAX_TOKENS,
+                model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=MAX_TOKENS,
                 tools=TOOLS, tool_choice=choice, temperature=temperature, seed=3)
             choice0 = reply.choices[0]
             assert choice0.finish_reason == "tool_calls", choice0
