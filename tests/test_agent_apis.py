@@ -386,10 +386,18 @@ def test_a_tool_call_made_by_the_model(mini):
     assert text == "" and "response.function_call_arguments.delta" in types and types[-1] == "response.completed"
     assert [(o.type, o.name, json.loads(o.arguments)) for o in final.output] == \
         [("function_call", "get_weather", {"city": "Paris", "days": 3})]
-    # the next turn answers the call by id
+    # the next turn answers the call by id: the stored conversation, the call and its output are the
+    # prompt (tools are sent again: as OpenAI's, they are not carried over)
     r2 = oc.responses.create(model="mini", previous_response_id=r.id, max_output_tokens=4, temperature=0,
+                             tools=RESPONSES_TOOLS,
                              input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
-    assert r2.usage.input_tokens_details.cached_tokens > 0
+    history = [{"role": "user", "content": ask},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function",
+                                                                      "function": {"name": call.name,
+                                                                                   "arguments": call.arguments}}]},
+               {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    want = oc.chat.completions.create(model="mini", messages=history, tools=CHAT_TOOLS, max_tokens=4, temperature=0)
+    assert r2.usage.input_tokens == want.usage.prompt_tokens and r2.usage.input_tokens_details.cached_tokens > 0
     # Messages: a tool_use block, whole and streamed
     m = ac.messages.create(model="mini", max_tokens=80, tools=MESSAGES_TOOLS, extra_body=GREEDY,
                            messages=[{"role": "user", "content": ask}])
