@@ -8,7 +8,6 @@ sees. Errors on these routes have Anthropic's shape, {"type": "error", "error": 
 """
 
 import json
-import time
 import uuid
 from contextlib import aclosing
 from typing import Optional
