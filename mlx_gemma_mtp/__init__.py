@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "generate", "stream_generate", "batch_generate", "make_prompt_cache", "Response", "BatchResponse",
-    "Pair", "PromptCache", "Stats",
+    "Pair", "PromptCache", "Stats", "load_demo",
 ]
 
 _HOMES = {"load": "model.loading", "generate": "api", "stream_generate": "api", "Response": "api",
-          "batch_generate": "api", "BatchResponse": "api"}
+          "batch_generate": "api", "BatchResponse": "api", "load_demo": "model.demo"}
 
 
 def __getattr__(name):

@@ -297,3 +297,33 @@ def test_server_tool_choice_required_and_named(client):
             assert call.function.name in names
             schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
             jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def post(client, path: str, body: dict) -> tuple:
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(str(client.base_url))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_responses_text_format_and_messages_tool_choice(client):
+    schema = SCHEMAS[2]
+    status, reply = post(client, "/v1/responses", {
+        "model": MODEL, "input": "A color as JSON", "max_output_tokens": MAX_TOKENS, "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "c", "schema": schema, "strict": True}}})
+    assert status == 200, reply
+    text = "".join(part["text"] for item in reply["output"] if item["type"] == "message" for part in item["content"])
+    jsonschema.validate(json.loads(text), schema)
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_time"}):
+        status, reply = post(client, "/v1/messages", {
+            "model": MODEL, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "Time?"}],
+            "tools": tools, "tool_choice": choice})
+        assert status == 200 and reply["stop_reason"] == "tool_use", reply
+        (use,) = [b for b in reply["content"] if b["type"] == "tool_use"]
+        schema = next(t["input_schema"] for t in tools if t["name"] == use["name"])
+        jsonschema.validate(use["input"], schema)

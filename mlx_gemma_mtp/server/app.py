@@ -1,8 +1,10 @@
-"""`gemma-mtp serve`: an OpenAI-compatible HTTP server, MTP decoding under continuous batching.
+"""`gemma-mtp serve`: an OpenAI- and Anthropic-compatible HTTP server, MTP decoding under continuous batching.
 
 The event loop (uvicorn, FastAPI) reads request bodies (at most `max_body_bytes`, else 413), checks
-requests and formats responses: OpenAI JSON or server-sent events, tool calls split out of the text
-(`server.text`). The CPU work of a request (parsing a large body, rendering the chat template,
+requests and formats responses. Each API is a thin translator onto one internal request
+(`server.protocol`) and the shared generation path (`server.serving`): OpenAI's chat completions and
+completions (`server.openai_chat`), Responses (`server.responses`) and Anthropic's Messages
+(`server.messages`), each with its own JSON, event stream and error shape. The CPU work of a request (parsing a large body, rendering the chat template,
 encoding the prompt: `server.requests`) runs in a worker thread with a tokenizer of its own, so
 that one huge request stalls neither the streams nor /health. Generation runs in the engine thread
 (`server.worker`).
@@ -21,83 +23,35 @@ Under `mlx.launch` this runs on rank 0; the other ranks follow it (`server.group
 """
 
 import asyncio
-import json
 import logging
 import socket
-import time
-import uuid
 from typing import Callable, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_gemma_mtp.errors import MTPError
-from mlx_gemma_mtp.server.errors import APIError, bad, shutting_down, too_large, validation_error
-from mlx_gemma_mtp.server.jobs import Job
+from mlx_gemma_mtp.server import messages, openai_chat, responses
+from mlx_gemma_mtp.server.errors import APIError, validation_error
 from mlx_gemma_mtp.server.requests import MAX_BODY_BYTES, Server
-from mlx_gemma_mtp.server.schema import ChatCompletionRequest, CompletionRequest
-from mlx_gemma_mtp.server.text import ToolCallSplitter, chat_logprobs, completion_logprobs, split_tool_calls
+from mlx_gemma_mtp.server.serving import READY_POLL
 from mlx_gemma_mtp.server.worker import Worker
 
 log = logging.getLogger("mlx_gemma_mtp.server")
 
-DISCONNECT_POLL = 0.5  # seconds between checks for a gone client while a non-streamed reply waits
-READY_POLL = 0.05  # seconds between looks at the engine thread while it loads
 SHUTDOWN_GRACE = 10.0  # --shutdown-grace's default: seconds running rows get to finish on SIGTERM
 FLUSH_SECONDS = 5.0  # after the grace: for the last events to reach the clients before uvicorn cancels
-
-
-# --- responses -----------------------------------------------------------------------------------
-
-
-async def next_item(job: Job, worker: Worker, http: HTTPRequest) -> Optional[tuple]:
-    """The job's next item; None (and the job cancelled) when the client has gone, which is
-    checked every DISCONNECT_POLL seconds even while items keep coming."""
-    now = time.monotonic()
-    if now - job.checked >= DISCONNECT_POLL:
-        job.checked = now
-        if await http.is_disconnected():
-            worker.cancel(job)
-            return None
-    task = asyncio.ensure_future(job.queue.get())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
-            if done:
-                return task.result()
-            job.checked = time.monotonic()
-            if await http.is_disconnected():
-                worker.cancel(job)
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-
-
-def sse(data) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def read_body(http: HTTPRequest, limit: int) -> bytes:
-    """The request's body, refused with 413 past `limit` bytes: by its Content-Length before a byte
-    is read, and by counting while it arrives (a chunked body has no length)."""
-    length = http.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large(limit)
-    chunks, size = [], 0
-    async for chunk in http.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def error_response(http: HTTPRequest, exc: APIError) -> JSONResponse:
+    """An error in the shape of the API the request came in by (Anthropic's under /v1/messages)."""
+    if http.url.path.startswith(messages.PREFIX):
+        return messages.error_response(exc)
+    return exc.response()
 
 
 def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
@@ -105,29 +59,29 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
 
     app = FastAPI(title="gemma-mtp", description="Gemma 4 with MTP speculative decoding, OpenAI-compatible")
     app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_origin_regex=LOCAL_ORIGINS,
-                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
+                       allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"])
     worker = server.worker
 
     @app.exception_handler(APIError)
-    async def api_error(_, exc: APIError):
-        return exc.response()
+    async def api_error(http, exc: APIError):
+        return error_response(http, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError):
+    async def invalid(http, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") in ("json_invalid", "json_type") for e in errors):
-            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
-        return validation_error(errors).response()
+            return error_response(http, APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        return error_response(http, validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
+    async def http_error(http, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return error_response(http, APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
-    async def unexpected(_, exc: Exception):
+    async def unexpected(http, exc: Exception):
         log.exception("unexpected error")
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        return error_response(http, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     @app.get("/health")
     async def health():
@@ -147,214 +101,10 @@ def create_app(server: "Server", allow_origins: tuple = ()) -> FastAPI:
         server.check_model(model_id)
         return model_card()
 
-    async def until_ready(http: HTTPRequest) -> bool:
-        """Wait while the engine thread loads and warms up (False: the client left meanwhile)."""
-        waited = 0.0
-        while not worker.ready.is_set() and not worker.closing:
-            await asyncio.sleep(READY_POLL)
-            waited += READY_POLL
-            if waited >= DISCONNECT_POLL:
-                waited = 0.0
-                if await http.is_disconnected():
-                    return False
-        if worker.closing:
-            raise shutting_down()
-        if worker.state != "ok":
-            raise APIError(503, "the engine is not running", code="engine_stopped")
-        return True
-
-    async def receive(http: HTTPRequest, model):
-        """The request's body as `model` once the engine is ready (None: the client left)."""
-        if worker.closing:
-            raise shutting_down()
-        raw = await read_body(http, server.max_body_bytes)  # read first: a disconnect check would eat it
-        if not await until_ready(http):
-            return None
-        return await server.parse(raw, model)
-
-    async def start(job: Job, http: HTTPRequest) -> Optional[int]:
-        """Queue the job and wait until the engine took it: -> cached prompt tokens (None: gone)."""
-        worker.submit(job)
-        item = await next_item(job, worker, http)
-        if item is None:
-            return None
-        if item[0] == "error":
-            raise item[1]
-        return item[1]
-
-    async def collect(job: Job, http: HTTPRequest):
-        item = await next_item(job, worker, http)
-        if item is None:
-            return None
-        if item[0] == "error":
-            raise item[1]
-        # "end": the engine thread kept the text (Job.add) and is done with the job
-        return "".join(t for t, _ in job.held), [e for _, es in job.held for e in es], item[1], item[2]
-
-    async def begin(job: Job, http: HTTPRequest, stream: bool):
-        """Queue the job; for a whole (not streamed) reply, wait for all of it. None: the client
-        went away."""
-        if await start(job, http) is None:
-            return None
-        return True if stream else await collect(job, http)
-
-    def gone():
-        return JSONResponse({"error": {"message": "client closed the request", "type": "invalid_request_error",
-                                       "param": None, "code": None}}, status_code=499)
-
-    # The bodies are read and parsed by hand (not as FastAPI body parameters): bounded in size,
-    # parsed off the event loop when large, and JSON whatever the Content-Type, as OpenAI takes it.
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: HTTPRequest):
-        body = await receive(http, ChatCompletionRequest)
-        if body is None:
-            return gone()
-        server.check_model(body.model)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        settings = server.check(body, max_tokens, top)
-        ids, tools = await run_in_threadpool(server.chat_ids, body)
-        grammar = await run_in_threadpool(server.structured, body, tools)
-        job = server.job(body, ids, settings, top, grammar)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "created": created, "model": server.model_id}
-        tok = server.tokenizer
-        use_tools = tools is not None and tok.has_tool_calling
-        result = await begin(job, http, body.stream)
-        if result is None:
-            return gone()
-
-        if not body.stream:
-            text, entries, reason, usage = result
-            message = {"role": "assistant", "content": text}
-            if use_tools:
-                content, calls = split_tool_calls(text, tok, tools)
-                message["content"] = content
-                if calls:
-                    message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-                    reason = "tool_calls" if reason == "stop" else reason
-            choice = {"index": 0, "message": message, "logprobs": {"content": chat_logprobs(entries)} if top is not None
-                      else None, "finish_reason": reason}
-            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        splitter = ToolCallSplitter(tok.tool_call_start, tok.tool_call_end, tok.tool_parser, tools) if use_tools \
-            else ToolCallSplitter(None, None, None)
-
-        def chunk(delta, logprobs=None, reason=None):
-            out = {**base, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
-            if include_usage:
-                out["usage"] = None
-            return out
-
-        def deltas(parts, entries):
-            out = []
-            for kind, value in parts:
-                out.append({"content": value} if kind == "content" else {"tool_calls": value})
-            if entries and not out:
-                out.append({"content": ""})
-            return [chunk(d, {"content": chat_logprobs(entries)} if entries and i == 0 else None)
-                    for i, d in enumerate(out)]
-
-        async def events(job):
-            called = False
-            try:
-                yield sse(chunk({"role": "assistant", "content": ""}))
-                while True:
-                    item = await job.queue.get()
-                    if item[0] == "delta":
-                        parts = splitter.feed(item[1])
-                        called = called or any(k == "tool_calls" for k, _ in parts)
-                        for c in deltas(parts, item[2] if top is not None else []):
-                            yield sse(c)
-                    elif item[0] == "error":
-                        yield sse(item[1].body())
-                        break
-                    else:
-                        _, reason, usage = item
-                        parts = splitter.finish()
-                        called = called or any(k == "tool_calls" for k, _ in parts)
-                        for c in deltas(parts, []):
-                            yield sse(c)
-                        yield sse(chunk({}, None, "tool_calls" if called and reason == "stop" else reason))
-                        if include_usage:
-                            yield sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                worker.cancel(job)  # a no-op once it finished; a client that left stops its row
-                # A client that leaves cancels this generator, and anyio keeps the CancelledError
-                # in a reference cycle with its traceback, which holds this frame: without this
-                # the job (and a KV cache of its own, 1.4 MB on the demo pair) stayed in memory
-                # until Python's cycle collector next ran.
-                del job
-
-        return StreamingResponse(events(job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/completions")
-    async def completions(http: HTTPRequest):
-        body = await receive(http, CompletionRequest)
-        if body is None:
-            return gone()
-        server.check_model(body.model)
-        if body.echo:
-            raise bad("echo is not supported", "echo", "unsupported_value")
-        if body.suffix:
-            raise bad("suffix is not supported", "suffix", "unsupported_value")
-        if body.best_of not in (None, 1):
-            raise bad("best_of > 1 is not supported", "best_of", "unsupported_value")
-        settings = server.check(body, body.max_tokens, body.logprobs)
-        ids = await run_in_threadpool(server.completion_ids, body)
-        job = server.job(body, ids, settings, body.logprobs)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id}
-        want_lp = body.logprobs is not None
-        result = await begin(job, http, body.stream)
-        if result is None:
-            return gone()
-
-        if not body.stream:
-            text, entries, reason, usage = result
-            choice = {"index": 0, "text": text, "logprobs": completion_logprobs(entries, 0) if want_lp else None,
-                      "finish_reason": reason}
-            return {**base, "choices": [choice], "usage": usage}
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(text, logprobs=None, reason=None):
-            out = {**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
-            if include_usage:
-                out["usage"] = None
-            return out
-
-        async def events(job):
-            offset = 0
-            try:
-                while True:
-                    item = await job.queue.get()
-                    if item[0] == "delta":
-                        yield sse(chunk(item[1], completion_logprobs(item[2], offset) if want_lp else None))
-                        offset += len(item[1])
-                    elif item[0] == "error":
-                        yield sse(item[1].body())
-                        break
-                    else:
-                        yield sse(chunk("", None, item[1]))
-                        if include_usage:
-                            yield sse({**base, "choices": [], "usage": item[2]})
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                worker.cancel(job)
-                del job  # as in the chat stream above
-
-        return StreamingResponse(events(job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    # one translator per API, over the shared generation path (server.serving)
+    openai_chat.register(app, server)
+    responses.register(app, server)
+    messages.register(app, server)
     return app
 
 

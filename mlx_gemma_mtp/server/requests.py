@@ -24,14 +24,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from mlx_gemma_mtp.errors import MTPError
-from mlx_gemma_mtp.server.schema import ChatCompletionRequest, CompletionRequest
+from mlx_gemma_mtp.server.schema import ChatCompletionRequest
 from mlx_gemma_mtp.server.errors import APIError, bad, validation_error
 from mlx_gemma_mtp.server.jobs import Job
+from mlx_gemma_mtp.server.protocol import GenerateRequest
 from mlx_gemma_mtp.server.worker import Worker
 
 MAX_BODY_BYTES = 16 << 20  # --max-body-bytes' default
 
-MAX_STOPS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # the engine's limit (and OpenAI's for chat)
 PARSE_INLINE_BYTES = 64 << 10  # bodies up to this are parsed on the event loop (a thread costs more)
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -212,53 +212,29 @@ class Server:
             raise bad(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens",
                       param, "context_length_exceeded")
 
-    # chat_ids and completion_ids run in worker threads (their encoding takes seconds for megabytes)
+    # prompt_ids runs in a worker thread (encoding takes seconds for megabytes)
 
-    def chat_ids(self, body: ChatCompletionRequest) -> tuple:
+    def prompt_ids(self, req: GenerateRequest) -> list:
+        """The request's prompt as token ids: its messages through the chat template, or its prompt."""
+        return self.chat_ids(req) if req.messages is not None else self.completion_ids(req)
+
+    def chat_ids(self, req: GenerateRequest) -> list:
         if not self.tokenizer.has_chat_template:
-            raise bad("the model's tokenizer has no chat template: use /v1/completions", "messages")
-        messages, tools = template_messages(body), chosen_tools(body)
+            raise bad("the model's tokenizer has no chat template: use /v1/completions", req.param("messages"))
         try:
             with self.worker.encoder_lock:
-                ids = self.worker.encoder.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+                ids = self.worker.encoder.apply_chat_template(req.messages, tools=req.tools,
+                                                              add_generation_prompt=True)
         except Exception as e:  # the template refused the conversation
-            raise bad(f"the chat template could not render the messages: {e}", "messages") from None
+            raise bad(f"the chat template could not render the messages: {e}", req.param("messages")) from None
         ids = list(ids)
-        self.check_length(ids, "messages")
-        return ids, tools
+        self.check_length(ids, req.param("messages"))
+        return ids
 
-    def structured(self, body: ChatCompletionRequest, tools: Optional[list]) -> Optional[tuple]:
-        """(Grammar, the response_format every rank rebuilds it from) for a structured
-        response_format or a forced tool choice (required, or a named function); None if neither.
-        Compiling can take long for a large schema: call it in a worker thread."""
-        from mlx_gemma_mtp import structured
-
-        forced = tools is not None and (body.tool_choice == "required" or isinstance(body.tool_choice, dict))
-        fmt = body.response_format
-        wants_format = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text"))
-        if forced and wants_format:
-            raise bad("a structured response_format and a forced tool_choice cannot be combined", "response_format",
-                      "unsupported_value")
-        vocab = self.pair.view.args.vocab_size
-        if forced:
-            if not self.tokenizer.has_tool_calling:
-                raise bad("the model's tokenizer has no tool-call format: tool_choice cannot force a call",
-                          "tool_choice", "unsupported_value")
-            fmt, param = {"type": "grammar", "lark": structured.tool_call_lark(tools, self.tokenizer)}, "tool_choice"
-        elif wants_format:
-            param = "response_format"
-        else:
-            return None
-        try:
-            grammar = structured.response_format(fmt, self.tokenizer, vocab, param)
-        except MTPError as e:
-            raise bad(str(e), param) from None
-        return grammar, fmt
-
-    def completion_ids(self, body: CompletionRequest) -> list:
+    def completion_ids(self, req: GenerateRequest) -> list:
         from mlx_gemma_mtp.api import prompt_ids
 
-        prompt = body.prompt
+        prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise bad("one prompt per request is supported", "prompt", "unsupported_value")
@@ -278,30 +254,29 @@ class Server:
         except MTPError as e:
             raise bad(str(e), "prompt") from None
 
-    def check(self, body, max_tokens: Optional[int], top_logprobs: Optional[int]) -> dict:
+    def check(self, req: GenerateRequest) -> dict:
         """Check the settings that do not depend on the prompt (before it is encoded, which can
         take long) -> what `job` builds the row from."""
         from mlx_gemma_mtp.limits import check_draft_tokens
 
-        if body.n is not None and body.n < 1:
-            raise bad(f"n must be at least 1, got {body.n}", "n")
-        if body.n not in (None, 1):
+        if req.n is not None and req.n < 1:
+            raise bad(f"n must be at least 1, got {req.n}", "n")
+        if req.n not in (None, 1):
             raise bad("n > 1 is not supported: send one request per choice", "n", "unsupported_value")
-        if max_tokens is None:
-            max_tokens = self.default_max_tokens
+        max_tokens = self.default_max_tokens if req.max_tokens is None else req.max_tokens
         if max_tokens < 1:
-            raise bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > MAX_STOPS:
-            raise bad(f"at most {MAX_STOPS} stop strings, got {len(stops)}", "stop")
-        if any(not s for s in stops):
-            raise bad("stop strings must not be empty", "stop")
-        check_number(body.presence_penalty, "presence_penalty", -2, 2)
-        check_number(body.frequency_penalty, "frequency_penalty", -2, 2)
+            raise bad(f"{req.param('max_tokens')} must be at least 1, got {max_tokens}", req.param("max_tokens"))
+        stops = list(req.stops)
+        if len(stops) > req.max_stops:
+            raise bad(f"at most {req.max_stops} stop strings, got {len(stops)}", req.param("stop"))
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise bad("stop strings must not be empty", req.param("stop"))
+        check_number(req.presence_penalty, "presence_penalty", -2, 2)
+        check_number(req.frequency_penalty, "frequency_penalty", -2, 2)
         bias = None
-        if body.logit_bias:
+        if req.logit_bias:
             vocab, bias = self.pair.view.args.vocab_size, {}
-            for key, value in body.logit_bias.items():
+            for key, value in req.logit_bias.items():
                 try:
                     token = int(key)
                 except ValueError:
@@ -310,33 +285,64 @@ class Server:
                     raise bad(f"logit_bias token {token} is outside the vocabulary [0, {vocab})", "logit_bias")
                 check_number(value, "logit_bias", -100, 100)
                 bias[token] = value
-        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}", "top_logprobs")
-        if body.num_draft_tokens is not None:
+        top = req.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
+        if req.num_draft_tokens is not None:
             try:
-                asked = check_draft_tokens(body.num_draft_tokens)
+                asked = check_draft_tokens(req.num_draft_tokens)
             except MTPError as e:
                 raise bad(str(e), "num_draft_tokens") from None
+            # every row of a round verifies the same K drafts (runtime.engine.build_round): a row
+            # drafted otherwise would need a batch of its own
             if asked != self.worker.draft_tokens:
                 raise bad(f"num_draft_tokens is set for the whole server ({self.worker.draft_tokens}: one batch "
                           f"drafts one length); this request asked for {asked}", "num_draft_tokens",
                           "unsupported_value")
         return {"max_tokens": max_tokens, "stops": stops, "bias": bias}
 
-    def job(self, body, ids: list, settings: dict, top_logprobs: Optional[int], structured=None) -> Job:
+    def structured(self, req: GenerateRequest) -> Optional[tuple]:
+        """(Grammar, the response_format every rank rebuilds it from) for a structured
+        response_format or a forced tool call (`req.force_tool`: one of `req.tools`); None if
+        neither. Compiling can take long for a large schema: call it in a worker thread."""
+        from mlx_gemma_mtp import structured
+
+        fmt = req.response_format
+        wants_format = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text"))
+        forced = req.force_tool and req.tools is not None
+        if forced and wants_format:
+            raise bad("a structured response format and a forced tool choice cannot be combined",
+                      req.param("response_format"), "unsupported_value")
+        if forced:
+            if not self.tokenizer.has_tool_calling:
+                raise bad("the model's tokenizer has no tool-call format: tool_choice cannot force a call",
+                          req.param("tool_choice"), "unsupported_value")
+            fmt, param = {"type": "grammar", "lark": structured.tool_call_lark(req.tools, self.tokenizer)}, \
+                req.param("tool_choice")
+        elif wants_format:
+            param = req.param("response_format")
+        else:
+            return None
+        try:
+            grammar = structured.response_format(fmt, self.tokenizer, self.pair.view.args.vocab_size, param)
+        except MTPError as e:
+            raise bad(str(e), param) from None
+        return grammar, fmt
+
+    def job(self, req: GenerateRequest, ids: list, settings: dict, structured=None) -> Job:
         """Build the row's Request from the checked `settings` (without MLX: processors that need
         arrays are built in the engine thread); `structured`: `Server.structured`'s answer."""
         from mlx_gemma_mtp.api import make_request
 
         max_tokens, stops, bias = settings["max_tokens"], settings["stops"], settings["bias"]
-        temperature = 1.0 if body.temperature is None else body.temperature
-        seed = body.seed
+        temperature = 1.0 if req.temperature is None else req.temperature
+        seed = req.seed
         if seed is None and not (isinstance(temperature, (int, float)) and temperature == 0):
             seed = random.randrange(2**31)  # what Sampling would draw, without touching MLX here
         kwargs = dict(temperature=temperature, seed=seed)
         for name in ("top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size"):
-            if getattr(body, name) is not None:
-                kwargs[name] = getattr(body, name)
+            if getattr(req, name) is not None:
+                kwargs[name] = getattr(req, name)
         try:
             grammar = None if structured is None else structured[0]
             request = make_request(self.pair, self.tokenizer, len(ids), max_tokens, grammar=grammar, **kwargs)
@@ -344,9 +350,10 @@ class Server:
                 kwargs["response_format"] = structured[1]  # other ranks compile it again
         except MTPError as e:  # its messages begin with the argument's name
             name = str(e).split(" ", 1)[0]
-            raise bad(str(e), name if name in type(body).model_fields else None) from None
+            known = name in kwargs or name == "max_tokens"
+            raise bad(str(e), req.param(name) if known else None) from None
         loop = asyncio.get_running_loop()
-        processors = {"logit_bias": bias, "presence_penalty": body.presence_penalty,
-                      "frequency_penalty": body.frequency_penalty}
-        return Job(ids, request, stops, top_logprobs, processors, loop, asyncio.Queue(),
-                   settings={"max_tokens": max_tokens, **kwargs}, whole=not body.stream)
+        processors = {"logit_bias": bias, "presence_penalty": req.presence_penalty,
+                      "frequency_penalty": req.frequency_penalty}
+        return Job(ids, request, stops, req.top_logprobs, processors, loop, asyncio.Queue(),
+                   settings={"max_tokens": max_tokens, **kwargs}, whole=not req.stream)

@@ -86,3 +86,59 @@ class CompletionRequest(Sampling):
     echo: Optional[bool] = None
     suffix: Optional[str] = None
     best_of: Optional[int] = None
+
+
+class ResponsesRequest(_Body):
+    """OpenAI's Responses: `input` items stay dicts here; server.responses checks them (400)."""
+
+    model: str
+    input: Union[str, list[dict[str, Any]]]
+    instructions: Optional[str] = None
+    previous_response_id: Optional[str] = None
+    store: bool = True
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: bool = False
+    text: Optional[dict[str, Any]] = None
+    metadata: Optional[dict[str, Any]] = None
+    # extensions, as in chat
+    seed: Optional[int] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    num_draft_tokens: Union[int, str, None] = None
+
+
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: Union[str, list[dict[str, Any]]]
+
+
+class MessagesRequest(_Body):
+    """Anthropic's Messages: content blocks and tools stay dicts here; server.messages checks them."""
+
+    model: str
+    max_tokens: int
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: Union[str, list[dict[str, Any]], None] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[dict[str, Any]] = None
+    stop_sequences: Optional[list[str]] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    stream: bool = False
+    metadata: Optional[dict[str, Any]] = None
+    # extensions, as in chat
+    seed: Optional[int] = None
+    num_draft_tokens: Union[int, str, None] = None
+
+
+class CountTokensRequest(_Body):
+    model: str
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: Union[str, list[dict[str, Any]], None] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[dict[str, Any]] = None

@@ -45,6 +45,7 @@ class TextStream:
         self.sent = 0  # characters of the decoder's text released
         self.entries = deque()  # (start character, log-probability entry) not yet released
         self.count = 0  # tokens consumed (an EOS and a token that completes a stop included)
+        self.matched: Optional[str] = None  # the stop string that ended the row (Messages reports it)
 
     @property
     def text(self) -> str:
@@ -77,8 +78,11 @@ class TextStream:
         return (*self._release(len(self.text), everything=True), False)
 
     def _find_stop(self) -> Optional[int]:
-        found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        return min(found) if found else None
+        found = [(i, s) for i, s in ((self.text.find(s, self.sent), s) for s in self.stops) if i >= 0]
+        if not found:
+            return None
+        at, self.matched = min(found)
+        return at
 
     def _release(self, end: int, everything: bool = False) -> tuple:
         """Text up to `end`, and the entries of the tokens that begin before it (all: at the end)."""
