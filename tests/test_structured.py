@@ -258,9 +258,11 @@ def test_server_json_schema(client):
         else:
             text = client.chat.completions.create(**kwargs).choices[0].message.content
         jsonschema.validate(json.loads(text), schema)
+    # any object: unbounded, so a reply may hit max_tokens (then it is a prefix of an object)
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=40,
-                                           response_format={"type": "json_object"})
-    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+                                           response_format={"type": "json_object"}, temperature=0)
+    text = reply.choices[0].message.content
+    assert isinstance(json.loads(text), dict) if reply.choices[0].finish_reason == "stop" else text.startswith("{")
 
 
 def test_server_bad_schema_is_400(client):
