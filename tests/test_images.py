@@ -1,0 +1,219 @@
+"""Images in, MTP on: greedy output with images equals transformers' `generate` on the miniature
+checkpoints (one and two images, past the sliding window; E2B's per-layer inputs, a tower without
+them, the 12B's bidirectional image blocks), MTP output equals plain output, rows with images in a
+mixed batch equal their single-stream output, the prompt cache keys images by content, and bad
+images are one-line MTPErrors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference_models as rm
+from mlx_gemma_mtp import load
+from mlx_gemma_mtp.api import batch_generate, stream_generate
+from mlx_gemma_mtp.convert import convert
+from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.runtime.pair import make_prompt_cache
+
+# the miniatures' vocabulary is 512 ids: boi / image / eoi are moved onto unused specials
+BOI, IMAGE, EOI = 50, 51, 52
+BUDGET = 70
+MAX_TOKENS = 40
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rs = np.random.RandomState(seed + width * 7 + height)
+    return Image.fromarray((rs.rand(height, width, 3) * 255).astype(np.uint8), "RGB")
+
+
+IMAGES = [noise_image(300, 200), noise_image(120, 160, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def vision_pair(reference_pair, tmp_path_factory):
+    """vision_pair(variant) -> (reference model, our pair, tokenizer): the miniature with its image
+    ids inside the vocabulary, converted with its drafter (vision weights kept)."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            target, draft = reference_pair(variant)
+            root = tmp_path_factory.mktemp(f"images-{variant}")
+            hf = root / "hf"
+            shutil.copytree(target, hf)
+            config = json.loads((hf / "config.json").read_text())
+            config.update(boi_token_id=BOI, image_token_id=IMAGE, eoi_token_id=EOI)
+            (hf / "config.json").write_text(json.dumps(config))
+            convert(str(hf), root / "pair", draft=str(draft), dtype="float32", progress=False)
+            pair, tokenizer = load(str(root / "pair"))
+            cache[variant] = (rm.load_reference_target(hf), pair, tokenizer)
+        return cache[variant]
+
+    return get
+
+
+def text_ids(n: int, seed: int) -> list:
+    return np.random.RandomState(seed).randint(110, rm.VOCAB, size=n).tolist()
+
+
+def reference_tokens(model, variant: str, prompt: list, images: list) -> list:
+    """transformers' greedy generation for `prompt` (one IMAGE placeholder per image)."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    kwargs = {}
+    if images:
+        if variant == "12b":  # the merged 6-px patches (see test_vision.reference_processor)
+            processor = Gemma4ImageProcessorPil(patch_size=6, pooling_kernel_size=1, max_soft_tokens=BUDGET)
+        else:
+            processor = Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=3, max_soft_tokens=BUDGET)
+        batch = processor(images, return_tensors="pt")
+        counts = iter(batch["num_soft_tokens_per_image"])
+        expanded = []
+        for t in prompt:
+            expanded += [BOI] + [IMAGE] * int(next(counts)) + [EOI] if t == IMAGE else [t]
+        prompt = expanded
+        kwargs = dict(pixel_values=batch["pixel_values"], image_position_ids=batch["image_position_ids"],
+                      mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in prompt]]))
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=MAX_TOKENS, do_sample=False, **kwargs)
+    return until_eos(out[0, len(prompt):].tolist())
+
+
+def until_eos(tokens: list) -> list:
+    for i, t in enumerate(tokens):
+        if t in rm.EOS_IDS:
+            return tokens[: i + 1]
+    return tokens
+
+
+def ours(pair, tokenizer, prompt, images, k=0, max_tokens=MAX_TOKENS, **kwargs) -> list:
+    return [r.token for r in stream_generate(pair, tokenizer, prompt, images=images, max_tokens=max_tokens,
+                                             num_draft_tokens=k, max_soft_tokens=BUDGET, **kwargs)]
+
+
+def one_image_prompt() -> list:
+    return [rm.BOS_ID] + text_ids(6, 1) + [IMAGE] + text_ids(20, 2)
+
+
+def two_image_prompt() -> list:
+    return [rm.BOS_ID] + text_ids(5, 3) + [IMAGE] + text_ids(7, 4) + [IMAGE] + text_ids(9, 5)
+
+
+# --- exactness against the reference -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["e2b", "31b", "12b"])
+def test_greedy_with_images_equals_transformers(variant, vision_pair):
+    model, pair, tokenizer = vision_pair(variant)
+    for prompt, images in ((one_image_prompt(), IMAGES[:1]), (two_image_prompt(), IMAGES)):
+        expected = reference_tokens(model, variant, prompt, images)
+        got = ours(pair, tokenizer, prompt, images)
+        assert got == expected, (variant, len(images))
+        # past the window: the prompt (text and 64+ image tokens per image) is longer than the
+        # miniature's sliding window (16 or 24), and the output is not empty
+        assert got and len(prompt) > rm.spec_for(variant).sliding_window
+
+
+def test_images_change_the_output(vision_pair):
+    _, pair, tokenizer = vision_pair("e2b")
+    prompt = one_image_prompt()
+    assert ours(pair, tokenizer, prompt, IMAGES[:1]) != ours(pair, tokenizer, prompt, IMAGES[1:])
+
+
+# --- MTP and batches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["e2b", "12b"])
+def test_mtp_equals_plain_with_images(variant, vision_pair):
+    _, pair, tokenizer = vision_pair(variant)
+    prompt = two_image_prompt()
+    plain = ours(pair, tokenizer, prompt, IMAGES)
+    for k in (2, 4, "adaptive"):
+        assert ours(pair, tokenizer, prompt, IMAGES, k=k) == plain, k
+
+
+def test_image_rows_in_a_mixed_batch_equal_their_single_stream(vision_pair):
+    _, pair, tokenizer = vision_pair("e2b")
+    prompts = [one_image_prompt(), [rm.BOS_ID] + text_ids(30, 7), two_image_prompt(), [rm.BOS_ID] + text_ids(30, 8)]
+    images = [IMAGES[:1], None, IMAGES, []]
+    alone = [ours(pair, tokenizer, p, im, k=4) for p, im in zip(prompts, images)]
+    out = batch_generate(pair, tokenizer, prompts, images=images, max_tokens=MAX_TOKENS, num_draft_tokens=4,
+                         max_soft_tokens=BUDGET)
+    assert out.tokens == alone
+
+
+def test_small_prefill_chunks_never_split_an_image(vision_pair):
+    _, pair, tokenizer = vision_pair("12b")
+    prompt = two_image_prompt()
+    assert ours(pair, tokenizer, prompt, IMAGES, prefill_step_size=8) == ours(pair, tokenizer, prompt, IMAGES)
+
+
+# --- where images go, and the prompt cache -------------------------------------------------------
+
+
+def test_images_without_placeholders_go_first(vision_pair):
+    _, pair, tokenizer = vision_pair("e2b")
+    text = text_ids(10, 9)
+    assert ours(pair, tokenizer, [rm.BOS_ID] + text, IMAGES[:1]) == ours(pair, tokenizer, [rm.BOS_ID, IMAGE] + text,
+                                                                          IMAGES[:1])
+    # a pre-expanded boi image... eoi run is one placeholder too
+    assert ours(pair, tokenizer, [rm.BOS_ID, BOI, IMAGE, IMAGE, EOI] + text, IMAGES[:1]) == \
+        ours(pair, tokenizer, [rm.BOS_ID, IMAGE] + text, IMAGES[:1])
+
+
+def test_prompt_cache_reuses_the_same_image_only(vision_pair):
+    _, pair, tokenizer = vision_pair("e2b")
+    first = one_image_prompt()
+    cache = make_prompt_cache(pair)
+    reply = ours(pair, tokenizer, first, IMAGES[:1], prompt_cache=cache)
+    second = first + reply + text_ids(5, 11)
+    responses = list(stream_generate(pair, tokenizer, second, images=IMAGES[:1], max_tokens=MAX_TOKENS,
+                                     num_draft_tokens=0, max_soft_tokens=BUDGET, prompt_cache=cache))
+    stats = responses[-1].stats
+    expanded = len(first) + 64 + 1  # at least past the image
+    assert stats.reused_prompt_tokens >= expanded - 1
+    assert [r.token for r in responses] == ours(pair, tokenizer, second, IMAGES[:1])
+    # another picture at the same place: the ids are the same, the content keys are not, so the
+    # cache is not reused past the text before it (here: not at all, since an image's 64 tokens
+    # are more than a cache may move back) and the output is the other picture's
+    responses = list(stream_generate(pair, tokenizer, second, images=IMAGES[1:], max_tokens=MAX_TOKENS,
+                                     num_draft_tokens=0, max_soft_tokens=BUDGET, prompt_cache=cache))
+    assert responses[-1].stats.reused_prompt_tokens <= first.index(IMAGE) + 1
+    assert [r.token for r in responses] == ours(pair, tokenizer, second, IMAGES[1:])
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_images_are_one_line_errors(vision_pair):
+    _, pair, tokenizer = vision_pair("e2b")
+    prompt = one_image_prompt()
+    cases = {
+        "truncated": ([b"\x89PNG\r\n\x1a\n" + b"\x00" * 20], "corrupt"),
+        "not an image": ([b"hello world, no pixels here"], "not an image"),
+        "more images than placeholders": (IMAGES, "1 image placeholders for 2 images"),
+    }
+    for name, (images, fragment) in cases.items():
+        with pytest.raises(MTPError) as info:
+            ours(pair, tokenizer, prompt, images)
+        assert fragment in str(info.value) and "\n" not in str(info.value), (name, str(info.value))
+
+
+def test_an_image_too_large_for_the_context(vision_pair, monkeypatch):
+    _, pair, tokenizer = vision_pair("e2b")
+    monkeypatch.setattr(pair.view.args, "max_position_embeddings", 64)
+    with pytest.raises(MTPError, match="the model's context is 64 tokens"):
+        ours(pair, tokenizer, one_image_prompt(), IMAGES[:1])
+
+
+def test_text_only_pair_use_loads_no_vision(vision_pair):
+    _, pair, tokenizer = vision_pair("26b")
+    ours(pair, tokenizer, [rm.BOS_ID] + text_ids(10, 12), None)
+    assert pair.images.load_seconds is None
