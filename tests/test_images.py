@@ -118,7 +118,7 @@ def test_greedy_with_images_equals_transformers(variant, vision_pair):
         assert got == expected, (variant, len(images))
         # past the window: the prompt (text and 64+ image tokens per image) is longer than the
         # miniature's sliding window (16 or 24), and the output is not empty
-        assert got and len(prompt) > rm.spec_for(variant).sliding_window
+        assert got and len(prompt) + 64 > rm.spec_for(variant).sliding_window
 
 
 def test_images_change_the_output(vision_pair):
