@@ -23,6 +23,16 @@ from mlx_gemma_mtp.runtime.pair import make_prompt_cache
 
 # the miniatures' vocabulary is 512 ids: boi / image / eoi are moved onto unused specials
 BOI, IMAGE, EOI = 50, 51, 52
+# the miniature's chat template, taking content parts as Gemma 4's does: an image part is the
+# image placeholder (here <unused_47>, id 51)
+PARTS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}<|turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<unused_47>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}{% endfor %}{% endif %}<turn|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
 BUDGET = 70
 MAX_TOKENS = 40
 
@@ -38,7 +48,8 @@ IMAGES = [noise_image(300, 200), noise_image(120, 160, seed=1)]
 @pytest.fixture(scope="module")
 def vision_pair(reference_pair, tmp_path_factory):
     """vision_pair(variant) -> (reference model, our pair, tokenizer): the miniature with its image
-    ids inside the vocabulary, converted with its drafter (vision weights kept)."""
+    ids inside the vocabulary, converted with its drafter (vision weights kept); its folder in
+    `folders[variant]`."""
     cache = {}
 
     def get(variant):
@@ -50,12 +61,18 @@ def vision_pair(reference_pair, tmp_path_factory):
             config = json.loads((hf / "config.json").read_text())
             config.update(boi_token_id=BOI, image_token_id=IMAGE, eoi_token_id=EOI)
             (hf / "config.json").write_text(json.dumps(config))
+            tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
+            (hf / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": PARTS_TEMPLATE}))
             convert(str(hf), root / "pair", draft=str(draft), dtype="float32", progress=False)
             pair, tokenizer = load(str(root / "pair"))
             cache[variant] = (rm.load_reference_target(hf), pair, tokenizer)
+            folders[variant] = root / "pair"
         return cache[variant]
 
     return get
+
+
+folders = {}
 
 
 def text_ids(n: int, seed: int) -> list:
@@ -217,3 +234,30 @@ def test_text_only_pair_use_loads_no_vision(vision_pair):
     _, pair, tokenizer = vision_pair("26b")
     ours(pair, tokenizer, [rm.BOS_ID] + text_ids(10, 12), None)
     assert pair.images.load_seconds is None
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_generate_and_chat_with_images(vision_pair, tmp_path):
+    from test_cli import run_cli
+
+    _, pair, tokenizer = vision_pair("e2b")
+    path, bad = tmp_path / "a.png", tmp_path / "bad.png"
+    IMAGES[0].save(path)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    folder = folders["e2b"]
+    common = ["--model", folder, "--max-tokens", 8, "--num-draft-tokens", 2]
+    result = run_cli("generate", *common, "--prompt", "Hello", "--image", path)
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hello"}]}]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    assert IMAGE in ids
+    from mlx_gemma_mtp.api import generate
+    assert result.stdout.rstrip("\n") == generate(pair, tokenizer, ids, images=[path], max_tokens=8)
+    result = run_cli("generate", *common, "--prompt", "Hello", "--image", bad)
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0 and "corrupt" in result.stderr
+    result = run_cli("chat", *common, "--verbose", input=f"/image {path}\nHello\nAnd again\n")
+    assert result.returncode == 0, result.stderr
+    reused = [line for line in result.stderr.splitlines() if "reused from the cache" in line]
+    assert len(reused) == 2 and int(reused[1].split(", ")[2].split()[0]) > 64  # the image came from the cache
