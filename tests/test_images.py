@@ -261,3 +261,84 @@ def test_cli_generate_and_chat_with_images(vision_pair, tmp_path):
     assert result.returncode == 0, result.stderr
     reused = [line for line in result.stderr.splitlines() if "reused from the cache" in line]
     assert len(reused) == 2 and int(reused[1].split(", ")[2].split()[0]) > 64  # the image came from the cache
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+def data_url(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def image_host(tmp_path_factory):
+    """A tiny http server on 127.0.0.1 serving a folder (a.png and a large file)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path_factory.mktemp("http")
+    IMAGES[0].save(folder / "a.png")
+    (folder / "big.png").write_bytes(b"\x00" * 300_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_server_takes_image_urls_and_reuses_the_image(vision_pair, image_host, tmp_path):
+    import openai
+    from server_process import running_server
+
+    _, pair, tokenizer = vision_pair("e2b")
+    folder = folders["e2b"]
+    args = ["--model", folder, "--num-draft-tokens", "2", "--max-image-bytes", "200000"]
+    with running_server(args, tmp_path / "log") as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+
+        def ask(messages, **kwargs):
+            return client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                  **kwargs)
+
+        image = {"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}}
+        turn = [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}]
+        first = ask(turn)
+        template = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+        ids = list(tokenizer.apply_chat_template(template, add_generation_prompt=True))
+        from mlx_gemma_mtp.api import generate
+
+        expected = generate(pair, tokenizer, ids, images=[IMAGES[0]], max_tokens=12)
+        assert first.choices[0].message.content == expected
+        assert first.usage.prompt_tokens > 64
+        streamed = "".join(c.choices[0].delta.content or "" for c in ask(turn, stream=True) if c.choices)
+        assert streamed == expected
+        # the next turn about the same picture reuses the cached prefix, image included
+        second = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "And now?"}]
+        again = ask(second)
+        assert again.usage.prompt_tokens_details.cached_tokens > 64
+        # the same picture from a URL: the same reply
+        by_url = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{image_host}/a.png"}},
+                                               {"type": "text", "text": "What is this?"}]}]
+        assert ask(by_url).choices[0].message.content == expected
+        # bad input: one 400 each, and the server goes on
+        bad_urls = {
+            "data:image/png;base64,iVBORw0KGgo=": "corrupt",
+            "data:image/png;base64,@@@": "not valid base64",
+            f"{image_host}/big.png": "over 200000 bytes",
+            f"{image_host}/missing.png": "HTTP 404",
+            "http://127.0.0.1:9/x.png": "could not be fetched",
+            str(tmp_path / "log"): "--allow-local-images",
+        }
+        for url, fragment in bad_urls.items():
+            with pytest.raises(openai.BadRequestError) as info:
+                ask([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+            assert fragment in info.value.message, (url, info.value.message)
+        assert ask(turn).choices[0].message.content == expected
