@@ -281,9 +281,9 @@ def weight_bytes(module) -> int:
 
 
 def rotated(jobs: list, rep: int) -> list:
-    """`jobs` starting one later each repeat: a place in a repeat's order (first after the step
-    timings, after another setting's shapes) made identical runs differ by up to 8% here, and over
-    a multiple of len(jobs) repeats every job holds every place once."""
+    """`jobs` starting one later each repeat: a job's place in a repeat's order (first after the
+    step timings, after another setting's shapes) changes its timing, and over a multiple of
+    len(jobs) repeats every job holds every place once."""
     shift = rep % len(jobs)
     return jobs[shift:] + jobs[:shift]
 

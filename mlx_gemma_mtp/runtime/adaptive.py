@@ -25,13 +25,12 @@ other); the back-off doubles after each probe that does not switch drafting back
 when one does. While drafting, it measures a neighbour of the chosen K now and then instead (K =
 1's lower neighbour is plain decoding), for `explore_rounds` rounds in a row, so a better K next
 to the current one is found from its own rounds rather than from the line: in a row, because on
-a CPU the engine times a K only from two consecutive rounds of it (engine.py: there, the interval
+a CPU the engine times a K only from two consecutive rounds of it (runtime/engine.py: there, the interval
 between two reads holds parts of two rounds). A neighbour with fewer than three measurements is
 measured every `first_explore_every` rounds; a measured one the less often the slower it looks
 (every 2 * `explore_every` rounds when as fast as the chosen K, (1 + (gap / `explore_gap`)^2)
 times that when `gap` slower, at most `max_explore_every`): a neighbour close to the best may be
-the best, one far below it costs each round it runs (benchmarks/adaptive_replay.py: measuring a
-neighbour 30% slower every 32 rounds cost 3% at B = 1). Plain decoding as K = 1's neighbour is
+the best, one far below it costs each round it runs. Plain decoding as K = 1's neighbour is
 measured every `explore_every` rounds per neighbour, however slow it looks. Pure Python and
 O(max_k^2) per round: no MLX calls, nothing to synchronize. Its state is bounded: a server runs one
 controller per batch size for as long as it serves.
