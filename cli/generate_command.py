@@ -195,11 +195,19 @@ def read_prompt(prompt):
     return prompt
 
 
-def messages_for(system, user=None):
+def messages_for(system, user=None, images: int = 0):
     messages = [{"role": "system", "content": system}] if system else []
     if user is not None:
-        messages.append({"role": "user", "content": user})
+        messages.append(user_message(user, images))
     return messages
+
+
+def user_message(text, images: int = 0) -> dict:
+    """A user turn; with images, content parts as chat templates take them (Gemma 4's writes an
+    image placeholder per image part, which the API fills with the images in order)."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
 
 
 def chat_tokens(tokenizer, messages):
@@ -305,9 +313,12 @@ def report(last, drafting, verbose):
 @click.option("--demo", is_flag=True,
               help="Use the bundled demo pair (a small Gemma 4 trained on Python's standard library): "
                    "works offline, completes Python source.")
+@click.option("--image", "images", metavar="PATH", multiple=True,
+              help="An image for the prompt (repeatable; PNG, JPEG, WebP, GIF, BMP, TIFF): in the user turn "
+                   "before the text, or with --raw at the prompt's image placeholders (else at its start).")
 def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, temp, top_p, top_k, min_p,
              repetition_penalty, seed, verbose, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size,
-             prompt, use_chat, demo):
+             prompt, use_chat, demo, images):
     """Generate a reply to one prompt, streamed to stdout; a summary goes to stderr."""
     if demo and use_chat:
         raise click.UsageError("the demo pair is a raw-text model (its plain chat template is for serve): drop --chat")
@@ -321,7 +332,7 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
     quiet = not is_writer(pair.group)
     if quiet:  # every rank decodes the same tokens: rank 0 writes them
         sys.stdout = open(os.devnull, "w")
-    ids = chat_tokens(tokenizer, messages_for(system, text)) if use_chat else tokenizer.encode(text)
+    ids = chat_tokens(tokenizer, messages_for(system, text, len(images))) if use_chat else tokenizer.encode(text)
     max_tokens = fit_max_tokens(len(ids), max_tokens, pair.view.args.max_position_embeddings)
     drafting = draft_tokens(pair, num_draft_tokens) != 0
     if verbose and not quiet:
@@ -334,7 +345,7 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
     tally = Tally(time.perf_counter())
     try:
         reply, last = stream(pair, tokenizer, ids, tally, max_tokens=max_tokens,
-                         num_draft_tokens=draft_tokens(pair, num_draft_tokens),
+                         num_draft_tokens=draft_tokens(pair, num_draft_tokens), images=list(images),
                          **cache_kwargs(kv_bits, kv_group_size, quantized_kv_start, prefill_step_size),
                          **sampling_kwargs(temp, top_p, top_k, min_p, repetition_penalty, seed))
     except KeyboardInterrupt:
@@ -349,7 +360,8 @@ def generate(model, draft_model, no_draft, num_draft_tokens, system, max_tokens,
         report(last, drafting, verbose)
 
 
-HELP = "commands: /reset (new conversation), /stats (the last reply), /quit (or end of input)"
+HELP = ("commands: /image PATH (an image for the next turn), /reset (new conversation), /stats (the last reply), "
+        "/quit (or end of input)")
 
 
 @click.command()
@@ -374,6 +386,9 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
         click.echo(HELP, err=True)
 
     messages, cache, last = messages_for(system), make_prompt_cache(pair), None
+    # the conversation's images in order, and those for the next turn: every turn sends them all
+    # again, and the prompt cache (keyed by their content) computes none of the earlier ones
+    images, pending = [], []
     lines = Lines()
     while True:
         try:
@@ -389,16 +404,27 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
             continue
         if line == "/reset":
             messages, cache, last = messages_for(system), make_prompt_cache(pair), None
+            images, pending = [], []
             click.echo("(new conversation)", err=True)
             continue
         if line == "/stats":
             report(last, k != 0, True)
             continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path or not line.startswith("/image "):
+                click.echo("usage: /image PATH", err=True)
+            elif not os.path.isfile(path):
+                click.echo(f"error: image '{path}' is not a file", err=True)
+            else:
+                pending.append(path)
+                click.echo(f"(image {path} goes with the next turn)", err=True)
+            continue
         if line.startswith("/"):
             click.echo(f"unknown command '{line}'; {HELP}", err=True)
             continue
 
-        turn = messages + [{"role": "user", "content": line}]
+        turn = messages + [user_message(line, len(pending))]
         ids = chat_tokens(tokenizer, turn)
         try:
             budget = fit_max_tokens(len(ids), max_tokens, pair.view.args.max_position_embeddings)
@@ -410,7 +436,11 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
         tally = Tally(time.perf_counter())
         try:
             reply, last = stream(pair, tokenizer, ids, tally, max_tokens=budget, num_draft_tokens=k,
-                                 prompt_cache=cache, **sampling)
+                                 prompt_cache=cache, images=images + pending, **sampling)
+        except MTPError as e:  # a bad image: the turn is dropped, the session goes on
+            pending = []
+            click.echo(f"error: {e}", err=True)
+            continue
         except KeyboardInterrupt:
             # the interrupt may have landed while the API was settling the cache: start a fresh
             # one, and drop the unfinished turn so the conversation stays what the model has seen
@@ -422,6 +452,7 @@ def chat(model, draft_model, no_draft, num_draft_tokens, system, max_tokens, tem
         sys.stdout.write("\n")  # each reply ends with a line break, so piped replies stay apart
         sys.stdout.flush()
         messages = turn + [{"role": "assistant", "content": reply}]
+        images, pending = images + pending, []
         if verbose and last is not None and last.stats is not None:
             s = last.stats
             click.echo(f"prompt: {len(ids)} tokens, {s.prompt_tokens} processed, "

@@ -49,11 +49,20 @@ def model_id_of(model, demo):
 @cache_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=20 << 20, show_default=True,
+              help="The largest image a request may send or have fetched.")
+@click.option("--image-fetch-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="How long fetching an http(s) image_url may take.")
+@click.option("--no-remote-images", is_flag=True, help="Refuse http(s) image URLs (data: URLs only).")
+@click.option("--allow-local-images", is_flag=True,
+              help="Let image_url name files on this machine (a path or file: URL): for local clients only.")
 def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, num_draft_tokens,
           prompt_cache_bytes, max_tokens, model_id, max_body_bytes, shutdown_grace, allow_origins, kv_bits,
-          kv_group_size, quantized_kv_start, prefill_step_size, log_level):
+          kv_group_size, quantized_kv_start, prefill_step_size, log_level, max_image_bytes, image_fetch_timeout,
+          no_remote_images, allow_local_images):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     from mlx_gemma_mtp.server.app import serve as run
+    from mlx_gemma_mtp.server.images import ImagePolicy
     from mlx_gemma_mtp.model.sharding import launched, launched_group
 
     if no_draft and draft_model:
@@ -85,4 +94,5 @@ def serve(model, draft_model, no_draft, demo, host, port, max_batch, max_queue, 
     run(lambda: load_model(model, draft_model, no_draft, demo), name, host=host, port=port, max_batch=max_batch,
         num_draft_tokens=num_draft_tokens, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes,
         default_max_tokens=max_tokens, log_level=log_level, on_ready=ready, cache_options=options,
-        allow_origins=allow_origins, max_body_bytes=max_body_bytes, shutdown_grace=shutdown_grace)
+        allow_origins=allow_origins, max_body_bytes=max_body_bytes, shutdown_grace=shutdown_grace,
+        image_policy=ImagePolicy(max_image_bytes, image_fetch_timeout, allow_local_images, not no_remote_images))

@@ -14,6 +14,7 @@ from mlx_lm.sample_utils import make_repetition_penalty
 from mlx_gemma_mtp.runtime.pair import Pair, PromptCache, Stats
 from mlx_gemma_mtp.runtime.detokenize import IncrementalDecoder, generated_text
 from mlx_gemma_mtp.runtime.engine import PREFILL_STEP, Engine, Request
+from mlx_gemma_mtp.runtime.images import ImageSpan
 from mlx_gemma_mtp.errors import MTPError
 from mlx_gemma_mtp.runtime.housekeeping import generating
 from mlx_gemma_mtp.limits import check_draft_tokens, fit_max_tokens
@@ -35,9 +36,13 @@ class Response:
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length", on the last response
 
 
-def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt) -> list:
+DEFAULT_SOFT_TOKENS = 280  # an image's soft-token budget (vision.DEFAULT_SOFT_TOKENS, the reference's)
+
+
+def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt, allowed: frozenset = frozenset()) -> list:
     """The prompt as token ids: a string is encoded as is (with a BOS unless it starts with one), a list (or array) of ids is checked
-    against the target's vocabulary (an id outside it would index past the embedding)."""
+    against the target's vocabulary (an id outside it would index past the embedding; `allowed`:
+    image ids, which never reach the embedding)."""
     if isinstance(prompt, str):
         # a prompt that already starts with the BOS text (a rendered chat template) gets no second one
         bos = tokenizer.bos_token
@@ -46,7 +51,7 @@ def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt) -> list:
         ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
         vocab = pair.view.args.vocab_size
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t < vocab or t in allowed):
                 raise MTPError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got {t!r}")
     else:
         raise MTPError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -54,6 +59,58 @@ def prompt_ids(pair: Pair, tokenizer: TokenizerWrapper, prompt) -> list:
         raise MTPError("the prompt is empty")
     fit_max_tokens(len(ids), 0, pair.view.args.max_position_embeddings)
     return ids
+
+
+def prompt_segments(pair: Pair, tokenizer: TokenizerWrapper, prompt, images=None,
+                    max_soft_tokens: int = DEFAULT_SOFT_TOKENS) -> tuple:
+    """The prompt as (token ids, image spans). Each image (bytes, a path or a PIL image) takes
+    the place of the prompt's next image placeholder: a lone image token (what a chat template
+    writes for an image part) or a whole `boi image... eoi` run; a prompt without any placeholder
+    gets its images at its start (after the BOS), in order. More images than placeholders, or
+    fewer, is an MTPError."""
+    if images is None or (isinstance(images, (list, tuple)) and not images):
+        return prompt_ids(pair, tokenizer, prompt), ()
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    encoder = pair.images
+    if encoder is None:
+        raise MTPError("this pair was not loaded from a folder with a vision tower: it takes no images")
+    t = encoder.info.token_ids
+    ids = prompt_ids(pair, tokenizer, prompt, allowed=frozenset((t.image, t.boi, t.eoi)))
+    prepared = [encoder.prepare(image, max_soft_tokens) for image in images]
+    places = image_places(ids, t)
+    if not places:
+        at = 1 if ids[0] == tokenizer.bos_token_id else 0
+        places = [(at, at)] * len(prepared)
+    if len(places) != len(prepared):
+        raise MTPError(f"the prompt has {len(places)} image placeholders for {len(prepared)} images")
+    out, spans, done = [], [], 0
+    for (start, end), (image, key) in zip(places, prepared):
+        out += ids[done:start]
+        spans.append(ImageSpan(len(out) + 1, image, key))
+        out += [t.boi] + [t.image] * image.num_soft_tokens + [t.eoi]
+        done = end
+    out += ids[done:]
+    fit_max_tokens(len(out), 0, pair.view.args.max_position_embeddings)
+    return out, tuple(spans)
+
+
+def image_places(ids: list, t) -> list:
+    """(start, end) of each image placeholder: `boi image... eoi`, or a lone image token."""
+    places, i = [], 0
+    while i < len(ids):
+        if ids[i] == t.boi:
+            j = i + 1
+            while j < len(ids) and ids[j] == t.image:
+                j += 1
+            if j > i + 1 and j < len(ids) and ids[j] == t.eoi:
+                places.append((i, j + 1))
+                i = j + 1
+                continue
+        if ids[i] == t.image:
+            places.append((i, i + 1))
+        i += 1
+    return places
 
 
 def make_request(
@@ -149,6 +206,8 @@ def stream_generate(
     quantized_kv_start: int = 0,
     prefill_step_size: int = PREFILL_STEP,
     prefill_progress: Optional[Callable] = None,
+    images: Optional[list] = None,
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
     **kwargs,
 ) -> Iterator[Response]:
     """Yield a Response per generated token; the last one carries `stats` and `finish_reason`.
@@ -166,13 +225,16 @@ def stream_generate(
     head dimension) once the context passes `quantized_kv_start` tokens (0: from the first), as
     mlx-lm's arguments of those names; `prefill_step_size` is the most prompt tokens one forward
     takes. `prefill_progress(done, total)` is called as the prompt is prefilled.
+
+    `images` (bytes, paths or PIL images; see `prompt_segments` for where they go) each cost
+    about `max_soft_tokens` (70, 140, 280, 560 or 1120) prompt tokens, plus two.
     """
     engine = make_engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
-    ids = prompt_ids(pair, tokenizer, prompt)
+    ids, spans = prompt_segments(pair, tokenizer, prompt, images, max_soft_tokens)
     request = make_request(pair, tokenizer, len(ids), max_tokens, **kwargs)
     if request.max_tokens == 0:
         return
-    uid = engine.insert(ids, request)
+    uid = engine.insert(ids, request, spans)
     stats = engine.rows[uid].stats
     row = engine.rows[uid]
     decoder = IncrementalDecoder(tokenizer, ids)
@@ -226,13 +288,16 @@ def batch_generate(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     prefill_step_size: int = PREFILL_STEP,
+    images: Optional[list] = None,
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
     **kwargs,
 ) -> BatchResponse:
     """Generate for several prompts as rows of one batch (each row's output is what
     `generate` gives it alone). `max_tokens` and every keyword of `make_request` may be one value
     for all rows or a list with one per prompt; `prompt_cache` is per prompt (a list). At most
     `max_batch` rows decode at once (default: all); the others join as rows finish. The KV cache
-    and prefill settings are `stream_generate`'s, for the whole batch."""
+    and prefill settings are `stream_generate`'s, for the whole batch. `images`: one list of
+    images per prompt (an empty list or None for a prompt without)."""
     engine = make_engine(pair, num_draft_tokens, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size)
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise MTPError("prompts must be a non-empty list of prompts")
@@ -250,7 +315,11 @@ def batch_generate(
             raise MTPError("prompt_cache must be a list with one per prompt")
         return [value] * n
 
-    ids = [prompt_ids(pair, tokenizer, p) for p in prompts]
+    if images is not None and (not isinstance(images, (list, tuple)) or len(images) != n):
+        raise MTPError(f"images must be a list with one list of images per prompt ({n})")
+    segments = [prompt_segments(pair, tokenizer, p, images[i] if images else None, max_soft_tokens)
+                for i, p in enumerate(prompts)]
+    ids = [i for i, _ in segments]
     for name in ("response_format", "json_schema"):  # one grammar for every row: compiled once
         if kwargs.get(name) is not None and not isinstance(kwargs[name], (list, tuple)) and "grammar" not in kwargs:
             kwargs["grammar"] = structured_grammar(pair, tokenizer, **{name: kwargs.pop(name)})
@@ -270,7 +339,7 @@ def batch_generate(
                 if requests[i].max_tokens == 0:
                     finish[i] = "length"
                     continue
-                uid = engine.insert(ids[i], requests[i])
+                uid = engine.insert(ids[i], requests[i], segments[i][1])
                 row_of[uid], stats[i] = i, engine.rows[uid].stats
             for event in engine.step():
                 i = row_of[event.uid]

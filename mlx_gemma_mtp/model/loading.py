@@ -10,6 +10,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from mlx_gemma_mtp.model.checkpoint import check_safetensors, pair_folders, read_config, read_json, weight_files
 from mlx_gemma_mtp.model.config import normalize_draft_config, normalize_target_config, validate_pair
+from mlx_gemma_mtp.runtime.images import ImageEncoder
 from mlx_gemma_mtp.runtime.pair import Pair
 from mlx_gemma_mtp.model.drafter import load_drafter
 from mlx_gemma_mtp.errors import MTPError
@@ -31,7 +32,8 @@ def load(path, draft_path: Optional[str] = None, draft: bool = True) -> tuple[Pa
     model, local_heads = load_target(target_dir, target_config, group)
     tokenizer = load_tokenizer(target_dir, eos_token_ids=_eos_ids(target_dir, target_config))
     drafter = load_drafter(draft_dir)[0] if draft_dir is not None else None  # whole on every rank
-    pair = Pair(model, drafter, target_config=target_config, draft_config=draft_config)
+    # the vision model is read on the first image only (ImageEncoder): text pays nothing for it
+    pair = Pair(model, drafter, target_config=target_config, draft_config=draft_config, images=ImageEncoder(target_dir))
     if group is not None:
         attach(pair, group, local_heads)
     return pair, tokenizer

@@ -43,13 +43,31 @@ class TargetView:
         forward over a training batch reads them all)."""
         return [KVCache() for _ in range(self.args.num_hidden_layers - self.args.num_kv_shared_layers)]
 
-    def hidden(self, tokens: mx.array, cache: list) -> mx.array:
-        """Final-norm hidden states [B, L, H] for `tokens` [B, L], appending to `cache`."""
+    def hidden(self, tokens: mx.array, cache: list, embeddings: Optional[mx.array] = None) -> mx.array:
+        """Final-norm hidden states [B, L, H] for `tokens` [B, L], appending to `cache`; with
+        `embeddings` (`image_embeddings`) the tokens only give the per-layer inputs."""
         if is_quantized(cache):  # the KV-shared layers read the producers' triples
             cache = cache + [QuantizedRead(cache[0].bits, cache[0].group_size)] * self.args.num_kv_shared_layers
         if self.forward_cache is not None:
             cache = self.forward_cache(cache)
+        if embeddings is not None:
+            return self.text.model(tokens, cache=cache, input_embeddings=embeddings)
         return self.text.model(tokens, cache=cache)
+
+    def image_embeddings(self, tokens: mx.array, images: list) -> mx.array:
+        """Input embeddings [1, L, H] for `tokens` [1, L] (the pad id at image positions) with
+        each (start, soft tokens [N, H]) of `images` at positions start .. start + N. mlx-lm scales
+        input embeddings by sqrt(hidden) (a Python float): text rows go in unscaled, and soft
+        tokens, which the reference scatters in unscaled, divided by that scale."""
+        model = self.text.model
+        embedded = model.embed_tokens(tokens)
+        scale = mx.array(model.embed_scale, embedded.dtype)
+        pieces, at = [], 0
+        for start, soft in images:
+            pieces += [embedded[:, at:start], (soft.astype(embedded.dtype) / scale)[None]]
+            at = start + soft.shape[0]
+        pieces.append(embedded[:, at:])
+        return mx.concatenate(pieces, axis=1)
 
     def logits(self, hidden: mx.array) -> mx.array:
         text = self.text

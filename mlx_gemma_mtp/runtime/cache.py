@@ -12,6 +12,9 @@ back once it wraps, the failure other runtimes hit after the first window). Atte
 masks come from the offsets: which slot holds which position, and what each query may see.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import mlx.core as mx
 
 from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS
@@ -23,8 +26,29 @@ RING_SLACK = 2 * (MAX_DRAFT_TOKENS + 1) + 64
 GROW_STEP = 256
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """Image blocks of one prefill forward whose tokens attend to each other both ways (Gemma 4's
+    bidirectional vision attention). Only a prefill sets them: decoding steps stay causal."""
+
+    spans: tuple  # (start, end) positions of each image's tokens, all inside the forward
+    every_layer: bool  # the 12B: full layers too, and past the window; towers: sliding layers only
+
+    def same(self, queries: mx.array, keys: mx.array) -> mx.array:
+        """[B, 1, n, T]: query and key positions in one block."""
+        q, k = self._ids(queries)[:, :, None], self._ids(keys)[:, None, :]
+        return ((q == k) & (q >= 0))[:, None]
+
+    def _ids(self, positions: mx.array) -> mx.array:
+        ids = mx.full(positions.shape, -1, mx.int32)
+        for i, (start, end) in enumerate(self.spans):
+            ids = mx.where((positions >= start) & (positions < end), i, ids)
+        return ids
+
+
 class _Buffers:
     keys = values = offset = None
+    blocks: Optional[Blocks] = None  # set for one prefill forward over images (set_blocks)
 
     @property
     def state(self):
@@ -73,7 +97,10 @@ class FullCache(_Buffers):
     def make_mask(self, n: int, window_size=None, return_array: bool = False) -> mx.array:
         """[B, 1, n, capacity]: query i of row b (position offset[b] + i) sees entries 0..that."""
         queries = self.offset[:, None] + mx.arange(n)
-        return (mx.arange(self.capacity)[None, None] <= queries[:, :, None])[:, None]
+        mask = (mx.arange(self.capacity)[None, None] <= queries[:, :, None])[:, None]
+        if self.blocks is not None and self.blocks.every_layer:
+            mask = mask | self.blocks.same(queries, mx.arange(self.capacity)[None])
+        return mask
 
     def visible(self) -> mx.array:
         """[B, 1, 1, capacity]: the entries of accepted tokens (what the drafter reads)."""
@@ -118,7 +145,12 @@ class SlidingCache(_Buffers):
         queries = self.offset[:, None] + mx.arange(n)  # [B, n]
         keys = mx.concatenate([self.positions(), queries], axis=1)[:, None, :]  # [B, 1, size + n]
         q = queries[:, :, None]
-        return ((keys <= q) & (keys > q - self.window) & (keys >= 0))[:, None]
+        causal, window = (keys <= q)[:, None], ((keys > q - self.window) & (keys >= 0))[:, None]
+        if self.blocks is None:
+            return causal & window
+        same = self.blocks.same(queries, keys[:, 0])
+        # the 12B ORs a block in after the window; the towers' blocks stay inside it
+        return (causal & window) | same if self.blocks.every_layer else (causal | same) & window
 
     def visible(self, n: int) -> mx.array:
         """[B, 1, 1, size]: the last `n` accepted positions of each row (what the drafter reads)."""
@@ -133,6 +165,12 @@ def make_target_cache(args, batch: int = 1) -> list:
         FullCache(batch) if kind == "full_attention" else SlidingCache(args.sliding_window, batch)
         for kind in args.layer_types[:first_shared]
     ]
+
+
+def set_blocks(cache: list, blocks: Optional[Blocks]) -> None:
+    """Image blocks for the next forward's masks (None: causal again)."""
+    for c in cache:
+        c.blocks = blocks
 
 
 def set_offset(cache: list, offset: mx.array) -> None:

@@ -27,8 +27,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma_mtp.runtime.adaptive import DraftPolicies, EveryBatch, FixedDraft
-from mlx_gemma_mtp.runtime.cache import concat_rows, reserve, set_offset, take_rows
+from mlx_gemma_mtp.runtime.cache import Blocks, concat_rows, reserve, set_blocks, set_offset, take_rows
 from mlx_gemma_mtp.runtime.grammar import Constraint, apply_masks
+from mlx_gemma_mtp.runtime.images import cache_keys, chunk_end, spans_in
 from mlx_gemma_mtp.runtime.pair import Pair, PromptCache, Stats, reuse_prompt_cache
 from mlx_gemma_mtp.runtime.housekeeping import RELEASE_EVERY, generation_stream, release_cache
 from mlx_gemma_mtp.limits import MAX_DRAFT_TOKENS, check_draft_tokens
@@ -83,6 +84,9 @@ class Row:
     finish: Optional[str] = None
     error: Optional[str] = None  # what its own code (a logits processor) raised: the row ends with it
     started: float = 0.0
+    images: tuple = ()  # images.ImageSpan per image of the prompt
+    keys: list = field(default_factory=list)  # the prompt as the prompt cache keys it (images.cache_keys)
+    soft: dict = field(default_factory=dict)  # span -> its soft tokens, for the spans still to prefill
 
 
 @dataclass
@@ -145,16 +149,21 @@ class Engine:
 
     # --- rows join and leave ------------------------------------------------------------------
 
-    def insert(self, prompt: list, request: Request) -> int:
-        """Queue a prompt (token ids, checked by the caller); returns the row's uid."""
+    def insert(self, prompt: list, request: Request, images: tuple = ()) -> int:
+        """Queue a prompt (token ids, checked by the caller) and its images (images.ImageSpan,
+        prepared by the pair's ImageEncoder); returns the row's uid. The images the prompt cache
+        does not already hold are encoded here (an MTPError if that fails: nothing has changed)."""
+        keys = cache_keys(prompt, images) if images else list(prompt)
+        cache_holder = request.prompt_cache or PromptCache(self.view.make_cache())
+        reused = reuse_prompt_cache(self.pair, cache_holder, keys)
+        soft = {span: self.pair.images.soft_tokens(span) for span in images if span.end > reused}
         uid, self._uid = self._uid, self._uid + 1
         stats = Stats()
-        cache_holder = request.prompt_cache or PromptCache(self.view.make_cache())
-        reused = reuse_prompt_cache(self.pair, cache_holder, prompt)
         cache_holder.cache = self._kv(cache_holder.cache, reused)
         stats.prompt_tokens, stats.reused_prompt_tokens = len(prompt) - reused, reused
         request.prompt_cache = cache_holder
-        row = Row(uid, list(prompt), request, stats, cache_holder.cache, list(prompt[reused:]), reused)
+        row = Row(uid, list(prompt), request, stats, cache_holder.cache, list(prompt[reused:]), reused,
+                  images=tuple(images), keys=keys, soft=soft)
         row.started = time.perf_counter()
         self.rows[uid] = row
         self.waiting.append(row)
@@ -218,10 +227,12 @@ class Engine:
             else:
                 # one forward takes at most prefill_step tokens: a long prompt's activations stay bounded
                 take = min(budget, self.prefill_step)
+                if row.images:  # an image is one forward: its tokens may attend to each other both ways
+                    take = chunk_end(row.images, row.offset, row.offset + take) - row.offset
                 chunk, row.todo = row.todo[:take], row.todo[take:]
                 budget -= len(chunk)
                 reserve(row.cache, row.offset + len(chunk))
-                hidden = self.view.hidden(mx.array(chunk, mx.uint32)[None], row.cache)[:, -1:]
+                hidden = self._prefill_forward(row, chunk)[:, -1:]
                 row.offset += len(chunk)
                 row.cache = row.request.prompt_cache.cache = self._kv(row.cache, row.offset)
                 if row.todo:
@@ -266,6 +277,26 @@ class Engine:
             self._join(parts)
         return events
 
+    def _prefill_forward(self, row: Row, chunk: list) -> mx.array:
+        """The target's hidden states for a chunk of the row's prompt at its offset: token
+        embeddings, and the soft tokens of the images in it (whose positions take the pad id)."""
+        start, end = row.offset, row.offset + len(chunk)
+        spans = spans_in(row.images, start, end)
+        if not spans:
+            return self.view.hidden(mx.array(chunk, mx.uint32)[None], row.cache)
+        info = self.pair.images.info
+        ids = list(chunk)
+        for s in spans:
+            ids[s.start - start : s.end - start] = [info.pad_id] * (s.end - s.start)
+        tokens = mx.array(ids, mx.uint32)[None]
+        embeddings = self.view.image_embeddings(tokens, [(s.start - start, row.soft.pop(s)) for s in spans])
+        if info.every_layer_blocks is not None:
+            set_blocks(row.cache, Blocks(tuple((s.start, s.end) for s in spans), info.every_layer_blocks))
+        try:
+            return self.view.hidden(tokens, row.cache, embeddings)
+        finally:
+            set_blocks(row.cache, None)
+
     def _same_length_group(self, budget: int) -> list:
         """Waiting rows from the front that are fresh (nothing cached) with prompts of the first
         one's length, as many as the budget takes; [] unless there are at least two."""
@@ -273,7 +304,7 @@ class Engine:
         n = len(first.todo)
         group = []
         for row in self.waiting:
-            if row.offset or len(row.todo) != n or n * (len(group) + 1) > budget:
+            if row.offset or row.images or len(row.todo) != n or n * (len(group) + 1) > budget:
                 break
             group.append(row)
         return group if len(group) > 1 else []
@@ -310,12 +341,12 @@ class Engine:
             del self.rows[row.uid]
             if row in self.waiting:  # its cache holds the part of the prompt prefilled so far
                 self.waiting.remove(row)
-                row.request.prompt_cache.tokens = row.prompt[: row.offset]
+                row.request.prompt_cache.tokens = row.keys[: row.offset]
                 continue
             row.stats.generation_seconds = time.perf_counter() - row.started
             row.stats.peak_memory_bytes = mx.get_peak_memory()
             # the cache holds the prompt and every emitted token but the last (the next input)
-            kept = row.prompt + row.emitted[:-1]
+            kept = row.keys + row.emitted[:-1]
             cache = row.cache if b is None or row.uid not in b.uids else take_rows(b.cache, mx.array([b.uids.index(row.uid)]))
             set_offset(cache, mx.array([len(kept)], mx.int32))
             row.request.prompt_cache.cache, row.request.prompt_cache.tokens = cache, kept

@@ -37,6 +37,7 @@ class Pair:
     target_config: Optional[dict] = field(default=None, repr=False)  # normalized (config.py)
     draft_config: Optional[dict] = field(default=None, repr=False)
     group: Optional[object] = field(default=None, repr=False)  # mx.distributed group the target is split over (sharding.py)
+    images: Optional[object] = field(default=None, repr=False)  # images.ImageEncoder of the target's folder
 
     def __post_init__(self):
         self.view: TargetView = target_view(self.target)
@@ -131,7 +132,8 @@ def _leaves(x):
 
 @dataclass
 class PromptCache:
-    """The target's KV cache and the tokens it holds, reusable across calls (multi-turn chat)."""
+    """The target's KV cache and the tokens it holds, reusable across calls (multi-turn chat).
+    An image's positions hold its content key (images.cache_keys), not the image token."""
 
     cache: list
     tokens: list = field(default_factory=list)
@@ -194,6 +196,8 @@ def reuse_prompt_cache(pair: Pair, prompt_cache: PromptCache, prompt: list) -> i
     limit = min(len(held), len(prompt) - 1)
     while common < limit and held[common] == prompt[common]:
         common += 1
+    while 0 < common < len(prompt) and prompt[common] < 0 and prompt[common - 1] == prompt[common]:
+        common -= 1  # never inside an image (its positions hold its content key): one forward each
     if common == 0 or len(held) - common > REUSE_ROLLBACK:
         prompt_cache.cache, prompt_cache.tokens = pair.view.make_cache(), []
         return 0

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mlx_gemma_mtp.errors import MTPError
 from mlx_gemma_mtp.server import messages, openai_chat, responses
 from mlx_gemma_mtp.server.errors import APIError, validation_error
+from mlx_gemma_mtp.server.images import ImagePolicy
 from mlx_gemma_mtp.server.requests import MAX_BODY_BYTES, Server
 from mlx_gemma_mtp.server.serving import READY_POLL
 from mlx_gemma_mtp.server.worker import Worker
@@ -157,18 +158,20 @@ def serve(loader: Callable, model_id: str, host: str = "127.0.0.1", port: int = 
           num_draft_tokens="adaptive", max_queue: int = 64, prompt_cache_bytes: int = 2 << 30,
           default_max_tokens: int = 512, log_level: str = "info", on_ready: Optional[Callable] = None,
           cache_options: Optional[dict] = None, allow_origins: tuple = (), max_body_bytes: int = MAX_BODY_BYTES,
-          shutdown_grace: float = SHUTDOWN_GRACE) -> None:
+          shutdown_grace: float = SHUTDOWN_GRACE, image_policy: Optional[ImagePolicy] = None) -> None:
     """Bind host:port, load the pair in the engine thread and warm it up while the HTTP server
     answers (/health: 503 "loading"), call `on_ready(worker)`, and serve until interrupted.
     `cache_options`: kv_bits, kv_group_size, quantized_kv_start, prefill_step_size (see
     api.stream_generate). `max_body_bytes`: the largest request body (413 beyond it).
-    `shutdown_grace`: seconds running rows get to finish on SIGTERM."""
+    `shutdown_grace`: seconds running rows get to finish on SIGTERM. `image_policy`: what
+    image_url parts may name (server/images.py)."""
     from mlx_gemma_mtp.model.sharding import launched
 
     sock = listening_socket(host, port)
     worker = Worker(loader, num_draft_tokens, max_batch, max_queue, prompt_cache_bytes, cache_options, warm_up=True)
     worker.start()
-    app = create_app(Server(worker, model_id, default_max_tokens, max_body_bytes), allow_origins)
+    app = create_app(Server(worker, model_id, default_max_tokens, max_body_bytes, image_policy or ImagePolicy()),
+                     allow_origins)
     config = uvicorn.Config(app, host=host, port=port, http="h11", log_level=log_level,
                             timeout_graceful_shutdown=shutdown_grace + FLUSH_SECONDS)
     server = HTTPServer(config, worker, shutdown_grace, on_ready)

@@ -33,6 +33,7 @@ class Job:
     whole: bool = False
     held: list = field(default_factory=list)  # (text, logprob entries) per round
     admitted: float = 0.0  # when the engine thread took it from the queue (time.monotonic)
+    images: tuple = ()  # images.ImageSpan per image of the prompt (prepared, not yet encoded)
 
     def add(self, text: str, entries: list) -> None:
         """A round's new text: sent at once when streamed, kept when the reply goes whole."""

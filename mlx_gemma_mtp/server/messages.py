@@ -171,7 +171,7 @@ def register(app: FastAPI, server: Server) -> None:
         if body is None:
             return gone()
         server.check_model(body.model)
-        ids = await run_in_threadpool(server.prompt_ids, to_request(body))
+        ids, _ = await run_in_threadpool(server.prompt_ids, to_request(body))
         return {"input_tokens": len(ids)}
 
     @app.post(PREFIX)

@@ -19,6 +19,7 @@ class GenerateRequest:
     messages: Optional[list] = None  # chat-template messages (role, content, tool_calls, tool_call_id)
     prompt: Union[str, list, None] = None  # a raw prompt (completions), when messages is None
     tools: Optional[list] = None  # OpenAI-style function tools the template sees; calls are parsed when set
+    image_urls: list = field(default_factory=list)  # the messages' images in order (data:, http(s) or file URLs)
     max_tokens: Optional[int] = None  # None: the server's --max-tokens
     stops: list = field(default_factory=list)
     max_stops: int = MAX_STOPS

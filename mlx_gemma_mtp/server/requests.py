@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from mlx_gemma_mtp.errors import MTPError
 from mlx_gemma_mtp.server.schema import ChatCompletionRequest
 from mlx_gemma_mtp.server.errors import APIError, bad, validation_error
+from mlx_gemma_mtp.server.images import ImagePolicy, image_bytes
 from mlx_gemma_mtp.server.jobs import Job
 from mlx_gemma_mtp.server.protocol import GenerateRequest
 from mlx_gemma_mtp.server.worker import Worker
@@ -87,24 +88,35 @@ def lone_surrogate(value, path: str = "") -> Optional[str]:
 # --- chat ----------------------------------------------------------------------------------------
 
 
-def message_text(content, where: str) -> Optional[str]:
+def message_text(content, where: str, images: Optional[list] = None):
+    """A message's content for the template: its text, or with image_url parts (their URLs
+    appended to `images`) content parts, which Gemma 4's template renders as image placeholders."""
     if content is None or isinstance(content, str):
         return content
     parts = []
     for part in content:
-        if part.type != "text" or part.text is None:
-            raise bad(f"{where}: only text content parts are supported, got '{part.type}'", "messages")
-        parts.append(part.text)
-    return "".join(parts)
+        if part.type == "image_url" and images is not None:
+            url = (part.image_url or {}).get("url")
+            if not isinstance(url, str) or not url:
+                raise bad(f"{where}: an image_url part needs image_url.url", "messages")
+            images.append(url)
+            parts.append({"type": "image"})
+        elif part.type != "text" or part.text is None:
+            raise bad(f"{where}: only text and image_url content parts are supported, got '{part.type}'", "messages")
+        else:
+            parts.append({"type": "text", "text": part.text})
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
-def template_messages(body: ChatCompletionRequest) -> list:
+def template_messages(body: ChatCompletionRequest, images: Optional[list] = None) -> list:
     """OpenAI messages as chat-template messages (tool call arguments as dicts, as templates
-    such as Gemma 4's expect)."""
+    such as Gemma 4's expect); image URLs are appended to `images` in order."""
     out = []
     for i, m in enumerate(body.messages):
         where = f"messages[{i}]"
-        msg = {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, where)}
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, where, images)}
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_call_id is not None:
@@ -181,9 +193,10 @@ class Server:
     The pair and the tokenizers are the engine thread's, read once it has loaded them."""
 
     def __init__(self, worker: Worker, model_id: str, default_max_tokens: int = 512,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, image_policy: ImagePolicy = ImagePolicy()):
         self.worker, self.model_id, self.default_max_tokens = worker, model_id, default_max_tokens
         self.max_body_bytes = max_body_bytes
+        self.image_policy = image_policy
         self.created = int(time.time())
 
     @property
@@ -214,11 +227,12 @@ class Server:
 
     # prompt_ids runs in a worker thread (encoding takes seconds for megabytes)
 
-    def prompt_ids(self, req: GenerateRequest) -> list:
-        """The request's prompt as token ids: its messages through the chat template, or its prompt."""
-        return self.chat_ids(req) if req.messages is not None else self.completion_ids(req)
+    def prompt_ids(self, req: GenerateRequest) -> tuple:
+        """(token ids, image spans) of the request's prompt: its messages through the chat
+        template (with their images), or its raw prompt."""
+        return self.chat_ids(req) if req.messages is not None else (self.completion_ids(req), ())
 
-    def chat_ids(self, req: GenerateRequest) -> list:
+    def chat_ids(self, req: GenerateRequest) -> tuple:
         if not self.tokenizer.has_chat_template:
             raise bad("the model's tokenizer has no chat template: use /v1/completions", req.param("messages"))
         try:
@@ -227,9 +241,23 @@ class Server:
                                                               add_generation_prompt=True)
         except Exception as e:  # the template refused the conversation
             raise bad(f"the chat template could not render the messages: {e}", req.param("messages")) from None
-        ids = list(ids)
+        ids, spans = list(ids), ()
+        if req.image_urls:
+            ids, spans = self.with_images(ids, req.image_urls, req.param("messages"))
         self.check_length(ids, req.param("messages"))
-        return ids
+        return ids, spans
+
+    def with_images(self, ids: list, urls: list, param: str) -> tuple:
+        """(ids with each image's tokens, image spans): the images fetched and prepared here (a
+        worker thread); they are encoded in the engine thread, or taken from its caches."""
+        from mlx_gemma_mtp.api import prompt_segments
+
+        try:
+            images = [image_bytes(url, self.image_policy) for url in urls]
+            return prompt_segments(self.pair, self.tokenizer, ids, images)
+        except MTPError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise bad(str(e), param, code) from None
 
     def completion_ids(self, req: GenerateRequest) -> list:
         from mlx_gemma_mtp.api import prompt_ids
@@ -329,7 +357,7 @@ class Server:
             raise bad(str(e), param) from None
         return grammar, fmt
 
-    def job(self, req: GenerateRequest, ids: list, settings: dict, structured=None) -> Job:
+    def job(self, req: GenerateRequest, ids: list, settings: dict, structured=None, images: tuple = ()) -> Job:
         """Build the row's Request from the checked `settings` (without MLX: processors that need
         arrays are built in the engine thread); `structured`: `Server.structured`'s answer."""
         from mlx_gemma_mtp.api import make_request
@@ -356,4 +384,4 @@ class Server:
         processors = {"logit_bias": bias, "presence_penalty": req.presence_penalty,
                       "frequency_penalty": req.frequency_penalty}
         return Job(ids, request, stops, req.top_logprobs, processors, loop, asyncio.Queue(),
-                   settings={"max_tokens": max_tokens, **kwargs}, whole=not req.stream)
+                   settings={"max_tokens": max_tokens, **kwargs}, whole=not req.stream, images=images)

@@ -36,6 +36,7 @@ class ToolCall(_Body):
 class ContentPart(_Body):
     type: str
     text: Optional[str] = None
+    image_url: Optional[dict] = None  # {"url": "data:..." | "https://...", "detail": ...}
 
 
 class Message(_Body):

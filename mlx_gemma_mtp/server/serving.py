@@ -195,9 +195,9 @@ async def generate(server: Server, http: HTTPRequest, req: GenerateRequest) -> O
     """Check, encode and queue the request; -> its Generation once the engine took it (None: the
     client went away)."""
     settings = server.check(req)
-    ids = await run_in_threadpool(server.prompt_ids, req)
+    ids, images = await run_in_threadpool(server.prompt_ids, req)
     grammar = await run_in_threadpool(server.structured, req)
-    job = server.job(req, ids, settings, grammar)
+    job = server.job(req, ids, settings, grammar, images)
     server.worker.submit(job)
     item = await next_item(job, server, http)
     if item is None:

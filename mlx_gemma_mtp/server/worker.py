@@ -28,6 +28,7 @@ from mlx_gemma_mtp.runtime.detokenize import IncrementalDecoder
 from mlx_gemma_mtp.runtime.housekeeping import keep_weights_wired, release_cache
 from mlx_gemma_mtp.server.errors import APIError, bad, retry_headers, shutting_down
 from mlx_gemma_mtp.server.jobs import Job, processors
+from mlx_gemma_mtp.runtime.images import cache_keys
 from mlx_gemma_mtp.server.prompt_pool import PromptCachePool
 from mlx_gemma_mtp.server.text import TextStream
 
@@ -367,13 +368,15 @@ class Worker(threading.Thread):
 
     def _insert(self, job: Job) -> None:
         if self.group is not None:
+            if job.images:
+                raise MTPError("images are not supported under mlx.launch yet")
             self.group.insert(job)  # started on every rank at the next step
             return
         request = job.request
         request.sampling.logits_processors = list(request.sampling.logits_processors) + processors(job.processors)
         request.logprobs = job.top_logprobs
-        request.prompt_cache = self.pool.take(job.ids)
-        self.bind(job, self.engine.insert(job.ids, request))
+        request.prompt_cache = self.pool.take(cache_keys(job.ids, job.images))
+        self.bind(job, self.engine.insert(job.ids, request, job.images))
 
     def bind(self, job: Job, uid: int) -> None:
         """The job's row is in the engine as `uid`."""
