@@ -21,8 +21,8 @@ from mlx_gemma_mtp.limits import check_draft_tokens, fit_max_tokens
 from mlx_gemma_mtp.model.loading import load  # noqa: F401  (the API's `load`)
 from mlx_gemma_mtp.runtime.quantized_cache import check_kv_quant
 from mlx_gemma_mtp.runtime.sampling import Sampling
-from mlx_gemma_mtp import structured
-from mlx_gemma_mtp.structured import Grammar
+from mlx_gemma_mtp.runtime import structured
+from mlx_gemma_mtp.runtime.structured import Grammar
 
 
 @dataclass

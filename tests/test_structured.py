@@ -19,7 +19,7 @@ pytest.importorskip("llguidance")
 
 import mlx_gemma_mtp.runtime.engine as engine_module  # noqa: E402
 from mlx_gemma_mtp import batch_generate, stream_generate  # noqa: E402
-from mlx_gemma_mtp import structured  # noqa: E402
+from mlx_gemma_mtp.runtime import structured  # noqa: E402
 from mlx_gemma_mtp.errors import MTPError  # noqa: E402
 from mlx_gemma_mtp.model.demo import load_demo  # noqa: E402
 from mlx_gemma_mtp.runtime.cache import reserve  # noqa: E402

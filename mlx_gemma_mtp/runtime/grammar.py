@@ -1,7 +1,7 @@
 """Constraints: per-row token filters applied at verification.
 
 A constrained row holds a grammar matcher (llguidance's `LLMatcher`, built by
-`mlx_gemma_mtp.structured`) whose state is the row's accepted tokens. A round verifies
+`mlx_gemma_mtp.runtime.structured`) whose state is the row's accepted tokens. A round verifies
 [last, d1..dK]; position j is judged by the mask of the state after d1..dj, so the host consumes
 the drafts one by one, computes each mask and rolls back. A draft the grammar forbids has
 probability 0 (or never the argmax) under the masked logits at its own position, so it is

@@ -333,7 +333,7 @@ class Server:
         """(Grammar, the response_format every rank rebuilds it from) for a structured
         response_format or a forced tool call (`req.force_tool`: one of `req.tools`); None if
         neither. Compiling can take long for a large schema: call it in a worker thread."""
-        from mlx_gemma_mtp import structured
+        from mlx_gemma_mtp.runtime import structured
 
         fmt = req.response_format
         wants_format = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text"))
