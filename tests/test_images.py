@@ -342,3 +342,18 @@ def test_server_takes_image_urls_and_reuses_the_image(vision_pair, image_host, t
                 ask([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
             assert fragment in info.value.message, (url, info.value.message)
         assert ask(turn).choices[0].message.content == expected
+
+        # the agents' APIs take the same picture: Responses' input_image, Anthropic's image block
+        reply = client.responses.create(model=model, max_output_tokens=12, temperature=0, input=[
+            {"role": "user", "content": [{"type": "input_image", "image_url": data_url(IMAGES[0])},
+                                         {"type": "input_text", "text": "What is this?"}]}])
+        assert reply.output_text == expected
+        import anthropic
+
+        claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="none", max_retries=0)
+        encoded = data_url(IMAGES[0]).split(",", 1)[1]
+        message = claude.messages.create(model=model, max_tokens=12, extra_body={"temperature": 0}, messages=[
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": encoded}},
+                {"type": "text", "text": "What is this?"}]}])
+        assert "".join(b.text for b in message.content if b.type == "text") == expected

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mlx_gemma_mtp.server.errors import APIError, bad
-from mlx_gemma_mtp.server.protocol import GenerateRequest
+from mlx_gemma_mtp.server.protocol import GenerateRequest, content_of, image_part
 from mlx_gemma_mtp.server.requests import Server, check_tools
 from mlx_gemma_mtp.server.schema import CountTokensRequest, MessagesRequest
 from mlx_gemma_mtp.server.serving import SSE_HEADERS, generate, gone, receive, sse
@@ -44,11 +44,26 @@ def error_response(exc: APIError) -> JSONResponse:
 # --- requests ------------------------------------------------------------------------------------
 
 
+def image_url_of(block: dict, where: str) -> str:
+    """An image block's source as a URL the server reads: base64 data as a data: URL, or its url."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise bad(f"{where}.source must be an object", f"{where}.source")
+    if source.get("type") == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(media, str) or not isinstance(data, str) or not data:
+            raise bad(f"{where}.source needs media_type and data", f"{where}.source")
+        return f"data:{media};base64,{data}"
+    if source.get("type") == "url" and isinstance(source.get("url"), str) and source["url"]:
+        return source["url"]
+    raise bad(f"{where}.source.type must be 'base64' or 'url' (with its url)", f"{where}.source.type")
+
+
 def block_text(block, where: str) -> str:
     if not isinstance(block, dict):
         raise bad(f"{where} must be an object", where)
     if block.get("type") == "image":
-        raise bad(f"{where}: image blocks are not supported yet", where)
+        raise bad(f"{where}: an image block is not allowed here", where)
     if block.get("type") != "text" or not isinstance(block.get("text"), str):
         raise bad(f"{where}: expected a text block, got {block.get('type')!r}", where)
     return block["text"]
@@ -86,22 +101,24 @@ def template_messages(messages: list) -> list:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        texts, calls, results = [], [], []
+        parts, calls, results = [], [], []
         for j, block in enumerate(m.content):
-            at, kind = f"{where}.content[{j}]", block.get("type")
+            at, kind = f"{where}.content[{j}]", block.get("type") if isinstance(block, dict) else None
             if kind == "tool_use" and m.role == "assistant":
                 calls.append(tool_use(block, at))
             elif kind == "tool_result" and m.role == "user":
                 results.append(tool_result(block, at))
-            elif kind in ("text", "image"):
-                texts.append(block_text(block, at))
+            elif kind == "image" and m.role == "user":
+                parts.append(image_part(image_url_of(block, at)))
+            elif kind == "text":
+                parts.append({"type": "text", "text": block_text(block, at)})
             else:
                 raise bad(f"{at}: a {kind!r} block is not supported in a {m.role} message", at)
         out += results  # tool results answer the assistant's calls, before the user's own words
         if calls:
-            out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
-        elif texts or not results:
-            out.append({"role": m.role, "content": "".join(texts)})
+            out.append({"role": "assistant", "content": content_of(parts) or None, "tool_calls": calls})
+        elif parts or not results:
+            out.append({"role": m.role, "content": content_of(parts)})
     return out
 
 

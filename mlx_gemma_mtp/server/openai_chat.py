@@ -24,9 +24,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     forced = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
-    urls = []
-    messages = template_messages(body, urls)
-    return GenerateRequest(messages=messages, image_urls=urls, tools=chosen_tools(body), max_tokens=max_tokens,
+    return GenerateRequest(messages=template_messages(body), tools=chosen_tools(body), max_tokens=max_tokens,
                            stops=stops_of(body.stop), stream=body.stream, response_format=body.response_format,
                            force_tool=forced,
                            top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, **sampling_of(body))

@@ -19,7 +19,6 @@ class GenerateRequest:
     messages: Optional[list] = None  # chat-template messages (role, content, tool_calls, tool_call_id)
     prompt: Union[str, list, None] = None  # a raw prompt (completions), when messages is None
     tools: Optional[list] = None  # OpenAI-style function tools the template sees; calls are parsed when set
-    image_urls: list = field(default_factory=list)  # the messages' images in order (data:, http(s) or file URLs)
     max_tokens: Optional[int] = None  # None: the server's --max-tokens
     stops: list = field(default_factory=list)
     max_stops: int = MAX_STOPS
@@ -65,3 +64,22 @@ class Result:
     reason: str  # "stop", "length", "tool_calls"
     usage: dict  # chat completions' usage (server.worker), which translators reshape
     stop_sequence: Optional[str] = None  # the stop string that ended it, if one did
+
+
+def image_part(url: str) -> dict:
+    """A chat-template content part for an image: the template renders its placeholder, and the
+    server fetches `url` (data:, http(s), or a local file where allowed)."""
+    return {"type": "image", "url": url}
+
+
+def content_of(parts: list):
+    """Content parts as a template message's content: plain text when there is no image."""
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
+
+
+def image_urls(messages: list) -> list:
+    """The URLs of the messages' images, in the order the template places them."""
+    return [p["url"] for m in messages if isinstance(m.get("content"), list)
+            for p in m["content"] if p.get("type") == "image"]

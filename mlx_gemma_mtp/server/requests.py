@@ -28,7 +28,7 @@ from mlx_gemma_mtp.server.schema import ChatCompletionRequest
 from mlx_gemma_mtp.server.errors import APIError, bad, validation_error
 from mlx_gemma_mtp.server.images import ImagePolicy, image_bytes
 from mlx_gemma_mtp.server.jobs import Job
-from mlx_gemma_mtp.server.protocol import GenerateRequest
+from mlx_gemma_mtp.server.protocol import GenerateRequest, content_of, image_part, image_urls
 from mlx_gemma_mtp.server.worker import Worker
 
 MAX_BODY_BYTES = 16 << 20  # --max-body-bytes' default
@@ -88,35 +88,32 @@ def lone_surrogate(value, path: str = "") -> Optional[str]:
 # --- chat ----------------------------------------------------------------------------------------
 
 
-def message_text(content, where: str, images: Optional[list] = None):
-    """A message's content for the template: its text, or with image_url parts (their URLs
-    appended to `images`) content parts, which Gemma 4's template renders as image placeholders."""
+def message_text(content, where: str):
+    """A message's content for the template: its text, or content parts when it has image_url
+    parts (the template renders an image placeholder for each)."""
     if content is None or isinstance(content, str):
         return content
     parts = []
     for part in content:
-        if part.type == "image_url" and images is not None:
+        if part.type == "image_url":
             url = (part.image_url or {}).get("url")
             if not isinstance(url, str) or not url:
                 raise bad(f"{where}: an image_url part needs image_url.url", "messages")
-            images.append(url)
-            parts.append({"type": "image"})
+            parts.append(image_part(url))
         elif part.type != "text" or part.text is None:
             raise bad(f"{where}: only text and image_url content parts are supported, got '{part.type}'", "messages")
         else:
             parts.append({"type": "text", "text": part.text})
-    if any(p["type"] == "image" for p in parts):
-        return parts
-    return "".join(p["text"] for p in parts)
+    return content_of(parts)
 
 
-def template_messages(body: ChatCompletionRequest, images: Optional[list] = None) -> list:
+def template_messages(body: ChatCompletionRequest) -> list:
     """OpenAI messages as chat-template messages (tool call arguments as dicts, as templates
-    such as Gemma 4's expect); image URLs are appended to `images` in order."""
+    such as Gemma 4's expect)."""
     out = []
     for i, m in enumerate(body.messages):
         where = f"messages[{i}]"
-        msg = {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, where, images)}
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, where)}
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_call_id is not None:
@@ -242,8 +239,9 @@ class Server:
         except Exception as e:  # the template refused the conversation
             raise bad(f"the chat template could not render the messages: {e}", req.param("messages")) from None
         ids, spans = list(ids), ()
-        if req.image_urls:
-            ids, spans = self.with_images(ids, req.image_urls, req.param("messages"))
+        urls = image_urls(req.messages)
+        if urls:
+            ids, spans = self.with_images(ids, urls, req.param("messages"))
         self.check_length(ids, req.param("messages"))
         return ids, spans
 
@@ -253,6 +251,9 @@ class Server:
         from mlx_gemma_mtp.api import prompt_segments
 
         try:
+            if self.pair.images is None:
+                raise MTPError("this model takes no images (it was not loaded from a folder with a vision tower)")
+            self.pair.images.info  # a model without a vision tower is refused before any URL is fetched
             images = [image_bytes(url, self.image_policy) for url in urls]
             return prompt_segments(self.pair, self.tokenizer, ids, images)
         except MTPError as e:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
 from mlx_gemma_mtp.server.errors import APIError, bad
-from mlx_gemma_mtp.server.protocol import GenerateRequest
+from mlx_gemma_mtp.server.protocol import GenerateRequest, content_of, image_part
 from mlx_gemma_mtp.server.requests import Server, check_tools
 from mlx_gemma_mtp.server.schema import ResponsesRequest
 from mlx_gemma_mtp.server.serving import SSE_HEADERS, generate, gone, receive, sse
@@ -66,12 +66,23 @@ class ResponseStore:
 # --- requests ------------------------------------------------------------------------------------
 
 
+def part_of(part, where: str) -> dict:
+    """An input part as a template content part: text, or an input_image's URL."""
+    if isinstance(part, dict) and part.get("type") == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise bad(f"{where}: an input_image needs image_url (a data: or http(s) URL; file_id is not supported)",
+                      where, "unsupported_value")
+        return image_part(url)
+    return {"type": "text", "text": part_text(part, where)}
+
+
 def part_text(part, where: str) -> str:
     if not isinstance(part, dict):
         raise bad(f"{where} must be an object", where)
     kind = part.get("type")
     if kind == "input_image":
-        raise bad(f"{where}: image input is not supported yet", where, "unsupported_value")
+        raise bad(f"{where}: an image is not allowed here", where, "unsupported_value")
     if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
         raise bad(f"{where}: only input_text and output_text parts are supported, got {kind!r}", where,
                   "unsupported_value")
@@ -84,7 +95,7 @@ def message_of(item: dict, where: str) -> dict:
         raise bad(f"{where}.role must be 'user', 'assistant', 'system' or 'developer', got {role!r}", f"{where}.role")
     content = item.get("content")
     if isinstance(content, list):
-        content = "".join(part_text(p, f"{where}.content[{i}]") for i, p in enumerate(content))
+        content = content_of([part_of(p, f"{where}.content[{i}]") for i, p in enumerate(content)])
     elif not isinstance(content, str):
         raise bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
     return {"role": "system" if role == "developer" else role, "content": content}
