@@ -6,17 +6,20 @@ output), greedy, one row: tokens per second of plain (K = 0) and MTP (K = 3) dec
 and with a JSON Schema, and MTP with forced-token replacement turned off. The mask cost is the
 host time of one llguidance mask per token (demo vocabulary: 4096 tokens).
 
-    python benchmarks/structured.py [--out benchmarks/results/structured_demo.json]
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/structured.py \
+        --out benchmarks/results/structured_demo.json     # on Linux: see docs/benchmarks.md
 """
 
 import argparse
 import json
+import os
 import platform
 import time
 
 import numpy as np
 
-from mlx_gemma_mtp import batch_generate, structured
+from mlx_gemma_mtp import batch_generate
+from mlx_gemma_mtp.runtime import structured
 from mlx_gemma_mtp.bench.run import InjectedAcceptance
 from mlx_gemma_mtp.model.demo import load_demo
 from mlx_gemma_mtp.runtime.grammar import Constraint
@@ -69,7 +72,9 @@ def main():
     vocab = pair.view.args.vocab_size
     grammar = structured.json_schema(SCHEMA, tok, vocab)
     timed(pair, tok, 3, grammar)  # warm-up (traces)
-    results = {"machine": f"{platform.machine()} {platform.system()}, MLX CPU, 2 cores shared with other work",
+    preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
+    results = {"machine": f"{platform.machine()} {platform.system()}, MLX CPU (2 cores)"
+                          + (", OpenBLAS preloaded" if preloaded else ", MLX's bundled reference BLAS"),
                "schema": SCHEMA, "max_tokens": MAX_TOKENS, "repeats (best of)": REPEATS, "demo": {}, "injected": {}}
     demo = results["demo"]
     demo["plain"] = timed(pair, tok, 0)
