@@ -126,7 +126,7 @@ def two_image_prompt() -> list:
 # --- exactness against the reference -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["e2b", "31b", "12b"])
+@pytest.mark.parametrize("variant", ["e2b", "e4b", "26b", "31b", "12b"])
 def test_greedy_with_images_equals_transformers(variant, vision_pair):
     model, pair, tokenizer = vision_pair(variant)
     for prompt, images in ((one_image_prompt(), IMAGES[:1]), (two_image_prompt(), IMAGES)):
