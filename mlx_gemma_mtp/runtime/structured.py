@@ -69,6 +69,16 @@ def check(grammar: Grammar, tokenizer, vocab_size: int) -> Grammar:
     return Grammar(grammar.text, grammar.what, matcher, lt.eos_token)
 
 
+def compiled(build, source, tokenizer, vocab_size: int, what: str) -> Grammar:
+    """`build(source)` (one of llguidance's grammar_from_* functions) as a checked Grammar; its
+    errors as one-line MTPErrors naming `what`."""
+    try:
+        text = build(source)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise MTPError(f"{what}: {first_line(str(e))}") from None
+    return check(Grammar(text, what), tokenizer, vocab_size)
+
+
 def json_schema(schema, tokenizer, vocab_size: int, what: str = "json_schema") -> Grammar:
     """A JSON Schema (a dict, or its JSON text) as a checked Grammar."""
     import llguidance
@@ -80,11 +90,8 @@ def json_schema(schema, tokenizer, vocab_size: int, what: str = "json_schema") -
             raise MTPError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise MTPError(f"{what} must be a JSON Schema object, got {type(schema).__name__}")
-    try:
-        text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise MTPError(f"{what}: {first_line(str(e))}") from None
-    return check(Grammar(text, what), tokenizer, vocab_size)
+    build = lambda s: llguidance.LLMatcher.grammar_from_json_schema(s, defaults=JSON_OPTIONS)  # noqa: E731
+    return compiled(build, schema, tokenizer, vocab_size, what)
 
 
 def lark(source: str, tokenizer, vocab_size: int, what: str = "grammar") -> Grammar:
@@ -92,11 +99,7 @@ def lark(source: str, tokenizer, vocab_size: int, what: str = "grammar") -> Gram
 
     if not isinstance(source, str):
         raise MTPError(f"{what} must be a string of Lark grammar")
-    try:
-        text = llguidance.LLMatcher.grammar_from_lark(source)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise MTPError(f"{what}: {first_line(str(e))}") from None
-    return check(Grammar(text, what), tokenizer, vocab_size)
+    return compiled(llguidance.LLMatcher.grammar_from_lark, source, tokenizer, vocab_size, what)
 
 
 def regex(pattern: str, tokenizer, vocab_size: int, what: str = "regex") -> Grammar:
@@ -104,11 +107,7 @@ def regex(pattern: str, tokenizer, vocab_size: int, what: str = "regex") -> Gram
 
     if not isinstance(pattern, str):
         raise MTPError(f"{what} must be a string")
-    try:
-        text = llguidance.LLMatcher.grammar_from_regex(pattern)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise MTPError(f"{what}: {first_line(str(e))}") from None
-    return check(Grammar(text, what), tokenizer, vocab_size)
+    return compiled(llguidance.LLMatcher.grammar_from_regex, pattern, tokenizer, vocab_size, what)
 
 
 def response_format(fmt, tokenizer, vocab_size: int, what: str = "response_format") -> Optional[Grammar]:
