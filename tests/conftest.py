@@ -75,3 +75,15 @@ def loaded(pair_dir):
         return cache[(variant, bits)]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def launch_lock(tmp_path_factory):
+    """Held by a test module that starts `mlx.launch` rings, for the whole module: the test files
+    run on two workers, and two rings starting at once race for their ports."""
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "mlx-launch.lock"  # shared by the workers
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

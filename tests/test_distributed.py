@@ -23,6 +23,8 @@ MAX_TOKENS = 32  # prompt 12 + 32 tokens: past every fixture's sliding window (1
 LONG_TOKENS = 160  # the adaptive policy's choices over many rounds (ranks diverged after ~16 tokens)
 LAUNCH_TIMEOUT = 240
 
+pytestmark = pytest.mark.usefixtures("launch_lock")  # one file of rings at a time
+
 
 def free_ports(n: int = 2) -> int:
     """A first port of `n` consecutive free ones on 127.0.0.1 (mlx.launch uses port, port + 1)."""
@@ -80,7 +82,7 @@ SKEWED_VARIANT = "26b"  # ... with rank 1's clock skewed (experts summed across 
 
 
 @pytest.fixture(scope="module")
-def two_ranks(pair_dir, tmp_path_factory):
+def two_ranks(launch_lock, pair_dir, tmp_path_factory):
     """One launch for every variant: variant -> [rank 0's result, rank 1's]."""
     pairs = {v: pair_dir(v) for v in VARIANTS}
     jobs = [(p, MAX_TOKENS, LONG_TOKENS if v == LONG_VARIANT else 0) for v, p in pairs.items()]

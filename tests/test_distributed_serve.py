@@ -32,6 +32,8 @@ START_TIMEOUT = 240  # two ranks loading on a small shared machine
 PROMPTS = ["The quick brown fox jumps over", "Once upon a time there was", "def main(argv):",
            "Roses are red, violets are"]
 
+pytestmark = pytest.mark.usefixtures("launch_lock")  # one file of rings at a time
+
 
 def rank_pids(launcher: int) -> dict:
     """rank -> pid of the processes mlx.launch started (its children carry MLX_RANK)."""
@@ -109,7 +111,7 @@ def concurrently(*calls) -> list:
 
 
 @pytest.fixture(scope="module")
-def group(pair_dir, tmp_path_factory):
+def group(launch_lock, pair_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("group-serve") / "launch.log"
     with launched_server(pair_dir(VARIANT), ["--num-draft-tokens", str(K), "--max-batch", "4"], log) as (proc, c):
         c.proc = proc

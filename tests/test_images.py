@@ -231,7 +231,8 @@ def test_an_image_too_large_for_the_context(vision_pair, monkeypatch):
 
 
 def test_text_only_pair_use_loads_no_vision(vision_pair):
-    _, pair, tokenizer = vision_pair("26b")
+    vision_pair("26b")  # its folder, with vision weights; a pair of its own, which no image has touched
+    pair, tokenizer = load(str(folders["26b"]))
     ours(pair, tokenizer, [rm.BOS_ID] + text_ids(10, 12), None)
     assert pair.images.load_seconds is None
 
