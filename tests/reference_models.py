@@ -37,6 +37,7 @@ DRAFT_INTERMEDIATE = 128
 
 EMBED_ROW_NORM = 3.0  # logits = h . e with |h| ~ sqrt(hidden): std ~3, median top-2 margin ~0.7
 LAYER_SCALAR_LOW = 0.3
+MINI_PATCH = {False: 4, True: 2}  # the miniatures' vision patch side: towers, the 12B (unified)
 TARGET_SHARDS = 3  # aim for about this many shards per target, like the multi-file uploads
 VISION_POSITIONS = 512  # vision position table length (real: 10240 for the towers, 1120 for the 12B)
 
@@ -191,7 +192,7 @@ def _target_config(spec: VariantSpec):
             # values per merged patch, as 48x48x3 on the real model); the position table covers the
             # longest side (in merged patches) of any image at soft-token budgets up to 140.
             vision_config=tf.Gemma4UnifiedVisionConfig(
-                patch_size=2, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=VISION_POSITIONS // 2,
+                patch_size=MINI_PATCH[True], pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=VISION_POSITIONS // 2,
                 output_proj_dims=32,
             ),
             audio_config=tf.Gemma4UnifiedAudioConfig(audio_embed_dim=32),
@@ -201,7 +202,7 @@ def _target_config(spec: VariantSpec):
     # longest side (budget x 3 patches, a 1-patch-high strip) of any image at budgets up to 140.
     vision = tf.Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=spec.vision_head_dim, pooling_kernel_size=3, patch_size=4,
+        num_key_value_heads=2, head_dim=spec.vision_head_dim, pooling_kernel_size=3, patch_size=MINI_PATCH[False],
         position_embedding_size=VISION_POSITIONS, use_clipped_linears=spec.vision_clipped,
         standardize=spec.vision_standardize,
     )
@@ -613,6 +614,82 @@ def reference_tokenizer(target_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(target_dir))
+
+
+def reference_image_processor(variant: str, max_soft_tokens: int):
+    """transformers' own image processor for a miniature: the towers' Pillow backend, or the
+    12B's `Gemma4UnifiedImageProcessor` (torchvision is its only backend)."""
+    unified = spec_for(variant).unified
+    return image_processor(MINI_PATCH[unified], 3, max_soft_tokens, unified=unified)
+
+
+def image_processor(patch_size: int, pooling_kernel_size: int, max_soft_tokens: int, *, unified: bool):
+    """transformers' image processor for any geometry (real sizes included)."""
+    if unified:
+        return UnifiedImageProcessor(patch_size, pooling_kernel_size, max_soft_tokens)
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(patch_size=patch_size, pooling_kernel_size=pooling_kernel_size,
+                                   max_soft_tokens=max_soft_tokens)
+
+
+@lru_cache(maxsize=None)
+def _unified_functions() -> dict:
+    """The functions of transformers' `image_processing_gemma4_unified` module, run from its source:
+    the module imports torchvision at the top, whose Linux wheel needs CUDA torch (this suite runs
+    the CPU one), and they use only torch."""
+    import ast
+    import math
+
+    import torch
+    import transformers.models.gemma4_unified as unified
+
+    source = (Path(unified.__file__).parent / "image_processing_gemma4_unified.py").read_text()
+    functions = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
+    namespace = {"torch": torch, "math": math}
+    exec(compile(ast.Module(functions, []), "image_processing_gemma4_unified", "exec"), namespace)
+    return namespace
+
+
+class UnifiedImageProcessor:
+    """`Gemma4UnifiedImageProcessor` (the 12B's; torchvision its only backend), step for step as its
+    `process_image` and `_preprocess`: the backend's RGB conversion; the module's own size, patch,
+    merge and pad functions; torch's antialiased bicubic on the uint8 image, the kernel that
+    torchvision's `resize` calls for uint8 on the CPU; the backend's `image * scale` rescale.
+    Against the real processor (torchvision 0.28 with its detection ops' registrations skipped)
+    it gave the same pixels on 280 images."""
+
+    def __init__(self, patch_size: int, pooling_kernel_size: int, max_soft_tokens: int):
+        self.patch_size, self.k, self.max_soft_tokens = patch_size, pooling_kernel_size, max_soft_tokens
+
+    def __call__(self, images, return_tensors: str = "pt") -> dict:
+        import torch
+        from transformers.image_transforms import convert_to_rgb
+
+        f = _unified_functions()
+        pixel_values, position_ids, counts = [], [], []
+        for img in images:
+            image = torch.from_numpy(convert_to_rgb(img, return_numpy=True)).permute(2, 0, 1)
+            height, width = f["get_aspect_ratio_preserving_size"](
+                image.shape[1], image.shape[2], self.patch_size, self.max_soft_tokens * self.k**2, self.k)
+            if (height, width) != tuple(image.shape[1:]):
+                image = torch.nn.functional.interpolate(image[None], size=(height, width), mode="bicubic",
+                                                        align_corners=False, antialias=True)[0]
+            image = image * (1 / 255)
+            patches = f["convert_image_to_patches"](image, self.patch_size)
+            grid = torch.meshgrid(torch.arange(width // self.patch_size), torch.arange(height // self.patch_size),
+                                  indexing="xy")
+            positions = torch.stack(grid, dim=-1).reshape(patches.shape[0], 2)
+            merged, merged_positions = f["patches_merge"](patches[None], positions[None], patches.shape[0] // self.k**2)
+            counts.append(merged.shape[1])
+            merged, merged_positions = f["pad_along_first_dim"](merged[0], merged_positions[0], self.max_soft_tokens)
+            pixel_values.append(merged)
+            position_ids.append(merged_positions)
+        out = {"pixel_values": torch.stack(pixel_values), "image_position_ids": torch.stack(position_ids),
+               "num_soft_tokens_per_image": counts}
+        if return_tensors == "np":
+            out = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,14 +81,9 @@ def text_ids(n: int, seed: int) -> list:
 
 def reference_tokens(model, variant: str, prompt: list, images: list) -> list:
     """transformers' greedy generation for `prompt` (one IMAGE placeholder per image)."""
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
     kwargs = {}
     if images:
-        if variant == "12b":  # the merged 6-px patches (see test_vision.reference_processor)
-            processor = Gemma4ImageProcessorPil(patch_size=6, pooling_kernel_size=1, max_soft_tokens=BUDGET)
-        else:
-            processor = Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=3, max_soft_tokens=BUDGET)
+        processor = rm.reference_image_processor(variant, BUDGET)
         batch = processor(images, return_tensors="pt")
         counts = iter(batch["num_soft_tokens_per_image"])
         expanded = []

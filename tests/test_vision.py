@@ -4,10 +4,8 @@ loading from Google's, mlx-community's and our own converted layouts, and bad im
 
 from __future__ import annotations
 
-import ast
 import io
 import json
-import math
 import struct
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from mlx_gemma_mtp.vision import (
     num_soft_tokens,
     prepare,
 )
+from mlx_gemma_mtp.vision.resample import resize_bicubic
 
 TOWERS = ("e2b", "e4b", "26b", "31b")
 BUDGETS = (70, 140)
@@ -63,27 +62,9 @@ def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def reference_processor(geometry: PatchGeometry, budget: int):
-    """transformers' Pillow Gemma 4 processor for `geometry`. The 12B's own processor needs
-    torchvision; cutting 48-px patches directly is what its merge produces (checked below)."""
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
-    if geometry.merged:
-        return Gemma4ImageProcessorPil(patch_size=geometry.side_multiple, pooling_kernel_size=1, max_soft_tokens=budget)
-    return Gemma4ImageProcessorPil(
-        patch_size=geometry.patch_size, pooling_kernel_size=geometry.pooling_kernel_size, max_soft_tokens=budget
-    )
-
-
-def reference_patches_merge():
-    """`patches_merge` from transformers' gemma4_unified image processor, whose module imports
-    torchvision at the top: its source is read and run alone."""
-    import transformers.models.gemma4_unified as unified
-
-    source = (Path(unified.__file__).parent / "image_processing_gemma4_unified.py").read_text()
-    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "patches_merge")
-    namespace = {"torch": torch, "math": math}
-    exec(compile(ast.Module([fn], []), "patches_merge", "exec"), namespace)
-    return namespace["patches_merge"]
+    """transformers' image processor for `geometry`: the towers' Pillow backend, the 12B's
+    torchvision one."""
+    return rm.image_processor(geometry.patch_size, geometry.pooling_kernel_size, budget, unified=geometry.merged)
 
 
 @pytest.fixture(scope="module")
@@ -140,34 +121,36 @@ def test_pixels_equal_reference_processor(geometry, budget):
         assert ours.num_soft_tokens == ref["num_soft_tokens_per_image"][i] <= budget
         assert ours.num_soft_tokens == num_soft_tokens(img.height, img.width, budget, geometry)
         assert ours.pixel_values.dtype == np.float32
-        # bit-identical: the same bicubic resize and the same float64 rescale
+        # bit-identical: the same resize arithmetic and the same rescale
         assert np.array_equal(ours.pixel_values, ref["pixel_values"][i, :n])
         assert np.array_equal(ours.positions, ref["image_position_ids"][i, :n])
         assert (ref["image_position_ids"][i, n:] == -1).all()  # the rest is the reference's padding
 
 
-def test_12b_patches_are_the_reference_merge_of_16px_patches():
-    merge = reference_patches_merge()
-    for w, h in ENCODE_SIZES:
-        img = noise_image(w, h)
-        teacher = reference_processor(REAL_TOWER, 70)([img], return_tensors="pt")
-        n = teacher["num_soft_tokens_per_image"][0]
-        k2 = REAL_TOWER.pooling_kernel_size**2
-        merged, positions = merge(teacher["pixel_values"][:, : n * k2], teacher["image_position_ids"][:, : n * k2], n)
-        ours = prepare(img, 70, REAL_12B)
-        assert np.array_equal(ours.pixel_values, merged[0].numpy())
-        assert np.array_equal(ours.positions, positions[0].numpy())
-
-
+@pytest.mark.parametrize("geometry", [REAL_TOWER, REAL_12B], ids=["tower", "12b"])
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
-def test_modes_convert_as_the_reference(mode):
+def test_modes_convert_as_the_reference(mode, geometry):
     img = noise_image(120, 90, mode="RGBA" if mode != "L" else "L")
     if mode == "P":
         img = img.convert("RGB").convert("P")
         img.info["transparency"] = 3  # one transparent palette entry: composited onto white
-    ref = reference_processor(REAL_TOWER, 70)([img], return_tensors="np")
-    ours = prepare(img, 70)
+    ref = reference_processor(geometry, 70)([img], return_tensors="np")
+    ours = prepare(img, 70, geometry)
     assert np.array_equal(ours.pixel_values, ref["pixel_values"][0, : ours.pixel_values.shape[0]])
+
+
+def test_fixed_point_resize_equals_torchs():
+    """The 12B's resize against torch's uint8 antialiased bicubic (what torchvision's `resize`
+    runs): shrinking and growing each side, mixed, by factors up to 40, thin strips, one pixel."""
+    rs = np.random.RandomState(3)
+    shapes = [((300, 200), (144, 240)), ((1000, 100), (96, 1248)), ((2000, 12), (48, 3360)), ((1, 1), (5, 3)),
+              ((4000, 30), (100, 48))]
+    shapes += [((rs.randint(1, 700), rs.randint(1, 700)), (rs.randint(1, 900), rs.randint(1, 900))) for _ in range(40)]
+    for (w, h), (new_h, new_w) in shapes:
+        pixels = np.asarray(noise_image(w, h))
+        expected = torch.nn.functional.interpolate(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None],
+                                                   size=(new_h, new_w), mode="bicubic", antialias=True)
+        assert np.array_equal(resize_bicubic(pixels, new_h, new_w), expected[0].permute(1, 2, 0).numpy()), (w, h)
 
 
 def test_bytes_path_and_exif_orientation(tmp_path):

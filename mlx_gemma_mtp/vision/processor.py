@@ -1,7 +1,9 @@
 """An image -> the patches the vision encoder takes, with Pillow and NumPy only (no OpenCV, no torch).
 
-The steps are those of transformers' Gemma 4 image processor (its Pillow backend,
-`Gemma4ImageProcessorPil`), so the pixels are bit-identical to it:
+The steps are those of transformers' Gemma 4 image processors, and the pixels bit-identical to
+theirs: the towers' Pillow backend (`Gemma4ImageProcessorPil`), and the 12B's
+`Gemma4UnifiedImageProcessor`, whose only backend is torchvision (its resize is redone in
+`resample.py`):
 
 1. RGB, with any transparency composited onto white;
 2. an aspect-preserving bicubic resize to the largest size whose sides are multiples of
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_gemma_mtp.errors import MTPError
+from mlx_gemma_mtp.vision.resample import resize_bicubic
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_SOFT_TOKENS = 280  # the reference processor's default
@@ -230,10 +233,16 @@ def prepare(image, max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
     max_soft_tokens = check_budget(max_soft_tokens)
     img = to_rgb(load_image(image))
     new_h, new_w = resized_size(img.height, img.width, max_soft_tokens, geometry)
-    if (new_h, new_w) != (img.height, img.width):
-        img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
-    # the reference rescales in float64 and then casts: identical float32 values
-    pixels = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    if geometry.merged:
+        # the 12B's processor has only a torchvision backend: torch's fixed-point resize, and
+        # a float32 rescale
+        pixels = resize_bicubic(np.asarray(img, dtype=np.uint8), new_h, new_w)
+        pixels = pixels.astype(np.float32) * np.float32(1 / 255)
+    else:
+        if (new_h, new_w) != (img.height, img.width):
+            img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+        # the Pillow backend rescales in float64 and then casts
+        pixels = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
     patches, positions = patchify(pixels, geometry.model_patch_size)
     n = (new_h // geometry.side_multiple) * (new_w // geometry.side_multiple)
     return PreparedImage(patches, positions, n, new_h, new_w)
