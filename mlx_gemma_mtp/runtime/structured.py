@@ -1,5 +1,5 @@
-"""Structured output: grammars (JSON Schema, JSON, Lark, regex, Gemma 4 tool calls) compiled with
-llguidance into per-row constraints (runtime.grammar.Constraint).
+"""Structured output: grammars (JSON Schema, JSON, Lark, regex; Gemma 4 tool calls come as Lark from
+`tool_grammar`) compiled with llguidance into per-row constraints (runtime.grammar.Constraint).
 
 A `Grammar` is compiled once and checked against the tokenizer (a bad one raises MTPError naming
 what is wrong); each row gets its own matcher from it (`Grammar.constraint`), since a matcher's
@@ -18,7 +18,6 @@ from mlx_gemma_mtp.runtime.grammar import Constraint
 # JSON as one line with compact separators: whitespace a grammar leaves free lets a weak model
 # wander (spaces forever); the text is valid JSON either way
 JSON_OPTIONS = {"whitespace_flexible": False}
-TOOL_CALL_START, TOOL_CALL_END = "<|tool_call>", "<tool_call|>"
 
 _tokenizers: dict = {}
 _lock = threading.Lock()
@@ -135,56 +134,3 @@ def response_format(fmt, tokenizer, vocab_size: int, what: str = "response_forma
     if kind == "regex":  # {"type": "regex", "regex": "..."}
         return regex(fmt.get("regex"), tokenizer, vocab_size, f"{what}.regex")
     raise MTPError(f"{what}.type must be 'text', 'json_object', 'json_schema', 'grammar' or 'regex', got {kind!r}")
-
-
-# --- Gemma 4 tool calls ----------------------------------------------------------------------------
-
-
-def _marker(tokenizer, text: str) -> str:
-    """A tool-call marker in Lark: its special token where the vocabulary has one, else its text."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    ids = hf.encode(text, add_special_tokens=False)
-    return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(text)
-
-
-def tool_calls(tools: list, tokenizer, vocab_size: int, what: str = "tool_choice") -> Grammar:
-    return lark(tool_call_lark(tools, tokenizer), tokenizer, vocab_size, what)
-
-
-def tool_call_lark(tools: list, tokenizer) -> str:
-    """Lark for one Gemma 4 tool call to one of `tools` (OpenAI tool dicts): `<|tool_call>call:NAME{...}<tool_call|>`
-    with arguments that match the tool's parameters schema.
-
-    The arguments are written as JSON (quoted keys, "strings"), which mlx-lm's Gemma 4 parser reads
-    as it is (it quotes only bare keys and converts only <|"|> strings); its call regex balances
-    braces, so strings hold no '{' or '}' (the schema is narrowed so).
-    """
-    start, end = _marker(tokenizer, TOOL_CALL_START), _marker(tokenizer, TOOL_CALL_END)
-    rules = []
-    for i, tool in enumerate(tools):
-        function = tool["function"]
-        schema = no_braces_in_strings(function.get("parameters") or {"type": "object", "properties": {}})
-        # arguments beyond the declared ones would not match the tool's signature
-        schema = {"additionalProperties": False, **schema, "x-guidance": JSON_OPTIONS}
-        rules.append(f"call{i}: {json.dumps('call:' + function['name'])} %json {json.dumps(schema)}")
-    calls = " | ".join(f"call{i}" for i in range(len(tools)))
-    return f"start: {start} ({calls}) {end}\n" + "\n".join(rules) + "\n"
-
-
-BRACELESS = "^[^{}]*$"
-
-
-def no_braces_in_strings(schema):
-    """The schema with every string that has no pattern of its own held free of braces."""
-    if isinstance(schema, list):
-        return [no_braces_in_strings(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: no_braces_in_strings(v) if k not in ("enum", "const", "default", "examples") else v
-           for k, v in schema.items()}
-    kind = schema.get("type")
-    stringy = kind == "string" or (isinstance(kind, list) and "string" in kind)
-    if stringy and "pattern" not in schema and "enum" not in schema and "const" not in schema \
-            and "format" not in schema:
-        out["pattern"] = BRACELESS
-    return out

@@ -334,7 +334,7 @@ class Server:
         """(Grammar, the response_format every rank rebuilds it from) for a structured
         response_format or a forced tool call (`req.force_tool`: one of `req.tools`); None if
         neither. Compiling can take long for a large schema: call it in a worker thread."""
-        from mlx_gemma_mtp.runtime import structured
+        from mlx_gemma_mtp.runtime import structured, tool_grammar
 
         fmt = req.response_format
         wants_format = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text"))
@@ -346,7 +346,7 @@ class Server:
             if not self.tokenizer.has_tool_calling:
                 raise bad("the model's tokenizer has no tool-call format: tool_choice cannot force a call",
                           req.param("tool_choice"), "unsupported_value")
-            fmt, param = {"type": "grammar", "lark": structured.tool_call_lark(req.tools, self.tokenizer)}, \
+            fmt, param = {"type": "grammar", "lark": tool_grammar.tool_call_lark(req.tools, self.tokenizer)}, \
                 req.param("tool_choice")
         elif wants_format:
             param = req.param("response_format")
