@@ -2,12 +2,13 @@
 rank 1 replays its engine operations. Through the official client, replies equal the single
 process's `generate` on the same pair: concurrent greedy requests (streamed and not, of different
 lengths, with a fixed K, with logit bias and penalties), a request cancelled midway beside another,
-seeded sampling, and long concurrent requests with adaptive K while rank 1's clock is skewed (its K
+seeded sampling, a JSON Schema reply, and long concurrent requests with adaptive K while rank 1's clock is skewed (its K
 must still be rank 0's). SIGTERM to rank 0 stops both ranks cleanly; a killed rank 0 leaves no rank
 behind."""
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -162,6 +164,26 @@ def test_seeded_sampling_equals_generate(group, loaded):
     settings = dict(temperature=0.8, top_p=0.95, seed=7)
     want = generate(pair, tokenizer, PROMPTS[0], max_tokens=20, num_draft_tokens=K, **settings)
     assert complete(group, PROMPTS[0], 20, **settings) == want
+
+
+def test_structured_output_equals_generate(group, loaded):
+    """A JSON Schema reply (every rank masks its row the same way) beside a free one."""
+    pair, tokenizer = loaded(VARIANT)
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+              "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "maximum": 99}}}
+    messages = [{"role": "user", "content": "A record as JSON"}]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    want = [generate(pair, tokenizer, ids, max_tokens=48, num_draft_tokens=K, json_schema=schema),
+            generate(pair, tokenizer, PROMPTS[1], max_tokens=16, num_draft_tokens=K)]
+    got = concurrently(
+        lambda: group.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=48, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+        ).choices[0].message.content,
+        lambda: complete(group, PROMPTS[1], 16, temperature=0),
+    )
+    assert got == want
+    jsonschema.validate(json.loads(want[0]), schema)
 
 
 def test_bad_requests_leave_the_group_serving(group, loaded):
