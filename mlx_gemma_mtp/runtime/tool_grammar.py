@@ -57,19 +57,16 @@ class NativeRules:
     def __init__(self, tokenizer):
         quote = special_token(tokenizer, STRING_DELIMITER)
         self.quote = f"<[{quote}]>" if quote is not None else json.dumps(STRING_DELIMITER)
-        # a body ends at the closing delimiter: a special token ends any text lexeme, while a
-        # delimiter written as text must not be able to start inside the body
         self.body_ends_at_token = quote is not None
         self.rules: dict[str, str] = {}
         self.lazy: set[str] = set()  # rules whose lexeme ends as soon as it matches
 
-    def add(self, expansion: str) -> str:
-        """A rule for `expansion` (shared by equal expansions); its name."""
-        for name, existing in self.rules.items():
-            if existing == expansion:
-                return name
-        name = f"v{len(self.rules)}"
-        self.rules[name] = expansion
+    def add(self, expansion: str, token: bool = False) -> str:
+        """A rule (or with `token`, a lexeme) for `expansion`, shared by equal expansions; its name."""
+        name = next((n for n, e in self.rules.items() if e == expansion and n[0].isupper() == token), None)
+        if name is None:
+            name = f"{'T' if token else 'v'}{len(self.rules)}"
+            self.rules[name] = expansion
         return name
 
     def value(self, schema) -> str:
@@ -121,21 +118,14 @@ class NativeRules:
         repeat = f"{{{int(low)},{'' if high is None else int(high)}}}"
         delimiter = re.escape(STRING_DELIMITER)
         if self.body_ends_at_token:  # a special token ends any text lexeme; none may hold its text
-            token = self.add_token(f"/(?s:.{repeat})/ & ~/(?s:.*{delimiter}.*)/")
+            token = self.add(f"/(?s:.{repeat})/ & ~/(?s:.*{delimiter}.*)/", token=True)
             return self.add(f"{self.quote} {token} {self.quote}")
         if not low:  # the delimiter as text: the string ends at its first occurrence (a lazy lexeme)
             name = self.add(f"/(?s:.{repeat}){delimiter}/")
             self.lazy.add(name)
             return self.add(f"{self.quote} {name}")
-        token = self.add_token(f"/[^<]{repeat}/")  # with a minimum length: no '<' (the delimiter's start)
+        token = self.add(f"/[^<]{repeat}/", token=True)  # with a minimum length: no '<' (the delimiter's start)
         return self.add(f"{self.quote} {token} {self.quote}")
-
-    def add_token(self, expansion: str) -> str:
-        name = next((n for n, e in self.rules.items() if e == expansion), None)
-        if name is None:
-            name = f"T{len(self.rules)}"
-            self.rules[name] = expansion
-        return name
 
     def array(self, schema) -> str:
         item = self.value(schema.get("items", True))
@@ -180,7 +170,7 @@ class NativeRules:
     def any_value(self) -> str:
         if "anyv" not in self.rules:
             self.rules["anyv"] = ""  # reserved: the rules below refer to it
-            key = self.add_token(r"/\w+/")
+            key = self.add(r"/\w+/", token=True)
             string = self.string()
             number = self.add(f"%json {json.dumps({'type': 'number'})}")
             pair = f'{key} ":" anyv'
@@ -190,7 +180,7 @@ class NativeRules:
 
     def any_map(self) -> str:
         self.any_value()
-        key = self.add_token(r"/\w+/")
+        key = self.add(r"/\w+/", token=True)
         return self.add(f'"{{" ({key} ":" anyv ("," {key} ":" anyv)*)? "}}"')
 
     def lark(self) -> str:
